@@ -1,0 +1,181 @@
+"""``nostall.DataLoader``: torch's DataLoader arguments, persistent overlapped epochs."""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import torch.utils.data as tud
+
+from ._config import PoolConfig
+from ._engine import Engine, resolve_context, warn_pin_memory_once
+from ._plan import Planner
+from ._worker import WorkSpec
+
+_TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
+
+
+class DataLoader(tud.DataLoader):
+    """A drop-in ``torch.utils.data.DataLoader`` whose workers persist and never pause.
+
+    Every argument has torch's meaning and torch's validation. Differences, each
+    chosen because torch's default causes a known pain:
+
+    * ``persistent_workers`` defaults to True when ``num_workers > 0``; the next
+      epoch's first batches are made while the current epoch's last ones are
+      consumed, so there is no pause between epochs. ``persistent_workers=False``
+      gives torch's transient workers (for comparison).
+    * Randomness inside workers is seeded per batch from (base seed, epoch, batch
+      number), so batches do not depend on ``num_workers`` or on which worker made
+      them. See ``nostall._plan`` for exactly when the global RNG is drawn.
+    * ``worker_type="thread"`` runs workers as threads of this process (for datasets
+      that wait on I/O and release the GIL); ``"process"`` (default) uses processes
+      forked from one factory process, so ``spawn`` starts in about the time of one
+      interpreter, not ``num_workers`` of them.
+
+    At most ``num_workers * prefetch_factor`` batches are in flight at once (made
+    or being made but not yet returned to you), including those prepared for the
+    next epoch. Release workers with :meth:`close` or a ``with`` block; they are
+    also released when the loader is garbage-collected and at interpreter exit.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        batch_size=1,
+        shuffle=None,
+        sampler=None,
+        batch_sampler=None,
+        num_workers=0,
+        collate_fn=None,
+        pin_memory=False,
+        drop_last=False,
+        timeout=0,
+        worker_init_fn=None,
+        multiprocessing_context=None,
+        generator=None,
+        *,
+        prefetch_factor=None,
+        persistent_workers=None,
+        pin_memory_device="",
+        in_order=True,
+        worker_type="process",
+    ):
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int):
+            raise TypeError(f"`num_workers` must be an int >= 0; got {num_workers!r}.")
+        if num_workers == 0 and timeout:
+            raise ValueError(
+                f"`timeout` applies only to worker loading; got timeout={timeout} with "
+                "num_workers=0. Set num_workers > 0 or timeout=0."
+            )
+        explicit_persistent = bool(persistent_workers)
+        if persistent_workers is None:
+            persistent_workers = num_workers > 0
+        extra = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
+        super().__init__(
+            dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
+            pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+            prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+            pin_memory_device=pin_memory_device, **extra,
+        )
+        self.in_order = in_order
+        self.worker_type = worker_type
+        ctx = resolve_context(self.multiprocessing_context)
+        self._config = PoolConfig(
+            num_workers=num_workers,
+            prefetch_factor=self.prefetch_factor or 0,
+            persistent=bool(persistent_workers),
+            worker_type=worker_type,
+            start_method=ctx.get_start_method(),
+            timeout=float(timeout),
+            in_order=bool(in_order),
+            pin_memory=bool(pin_memory),
+        )
+        self._ctx = ctx
+        # torch builds a RandomSampler itself for shuffle=True; nostall may give that
+        # one (and only that one) a private generator after the first epoch.
+        self._nostall_builtin_sampler = sampler is None and batch_sampler is None and bool(shuffle)
+        self._torch_persistent = explicit_persistent and num_workers > 0
+        self._engine: Engine | None = None
+        self._finalizer = None
+
+    def _start_engine(self) -> Engine:
+        cfg = self._config
+        pin_device = None
+        if cfg.pin_memory:
+            if torch.accelerator.is_available():
+                pin_device = torch.accelerator.current_accelerator().type
+            else:
+                warn_pin_memory_once()
+        planner = Planner(
+            weakref.proxy(self),
+            lookahead=cfg.persistent and cfg.num_workers > 0,
+            torch_persistent=self._torch_persistent,
+            dataset_in_workers=cfg.worker_type == "process",
+        )
+        spec = WorkSpec(
+            dataset=self.dataset,
+            iterable=planner.iterable,
+            auto_collation=self._auto_collation,
+            collate_fn=self.collate_fn,
+            drop_last=self.drop_last,
+            worker_init_fn=self.worker_init_fn,
+        )
+        engine = Engine(cfg, planner, spec, self._ctx, pin_device)
+        self._finalizer = weakref.finalize(self, engine.close)
+        return engine
+
+    def __iter__(self) -> _EpochIterator:
+        if self._engine is None:
+            self._engine = self._start_engine()
+        return _EpochIterator(self._engine, self._engine.begin_epoch(), len_fn=self._len_or_none)
+
+    def _get_iterator(self):
+        return iter(self)
+
+    def _len_or_none(self):
+        try:
+            return len(self)
+        except TypeError:
+            return None
+
+    def worker_pids(self) -> list:
+        """Pids of the worker processes now running (empty before the first epoch)."""
+        return [] if self._engine is None else self._engine.worker_pids()
+
+    def close(self) -> None:
+        """Stop every worker and release its resources. The loader cannot iterate again."""
+        if self._engine is not None:
+            self._engine.close()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _EpochIterator:
+    """The iterator of one epoch; ``len()`` is the loader's length."""
+
+    __slots__ = ("_engine", "_plan", "_len_fn", "__weakref__")
+
+    def __init__(self, engine: Engine, plan, len_fn):
+        self._engine = engine
+        self._plan = plan
+        self._len_fn = len_fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._engine.next_batch(self._plan)
+
+    def __len__(self) -> int:
+        length = self._len_fn()
+        if length is None:
+            raise TypeError("this loader's dataset has no len()")
+        return length

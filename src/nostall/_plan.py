@@ -1,0 +1,275 @@
+"""Turning the sampler into numbered batches, one epoch at a time, and one epoch ahead.
+
+When and what nostall draws from random number generators
+----------------------------------------------------------
+* With ``generator=g``: exactly what torch's DataLoader draws from ``g``, in the
+  same order: one int64 (torch's "base seed") when an epoch's iterator is created
+  (every epoch, or only the first when you pass ``persistent_workers=True``, as
+  torch does), then whatever the sampler draws. Preparing the next epoch early
+  draws the same values earlier; if that preparation is thrown away, ``g`` (and
+  every ``torch.Generator`` held by the sampler) is rewound. Batches equal torch's
+  in every epoch.
+* Without a generator (torch's global RNG): at the first ``iter(loader)`` nostall
+  draws one int64 from the global RNG (the base seed, as torch does) and the
+  sampler draws its first epoch from the global RNG, as torch's does. The first
+  epoch therefore equals torch's after ``torch.manual_seed``. For later epochs the
+  built-in shuffling sampler draws from a private ``torch.Generator`` seeded with
+  the base seed, so preparing epoch N+1 early never touches your global random
+  stream. A custom sampler that draws from the global RNG is detected (the global
+  state changes while its next epoch is being prepared): the draw is undone and
+  nostall stops preparing epochs early for it, with a warning that says to pass it
+  a generator.
+* Per-batch seeds inside workers derive from (base seed, epoch, batch number) and
+  draw nothing.
+
+Epoch state (``set_epoch``)
+---------------------------
+The next epoch is planned from a prediction of the sampler's and dataset's plain
+attributes: an integer attribute that changed by d between the last two epochs is
+expected to change by d again (an ``epoch`` attribute of an object with
+``set_epoch`` is expected to grow by 1 at first). At ``iter(loader)`` the real
+attributes are compared with the prediction; any difference (another
+``set_epoch`` value, a replaced sampler, dataset or attribute) discards what was
+prepared ahead.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import RandomSampler
+
+from . import _seeding
+
+_PLAIN = (int, float, bool, str, bytes, type(None))
+
+
+def object_state(obj) -> dict:
+    """Plain attributes by value, other attributes by identity."""
+    attrs = getattr(obj, "__dict__", None) or {}
+    return {
+        name: value if isinstance(value, _PLAIN) else ("<object>", id(value))
+        for name, value in attrs.items()
+    }
+
+
+def _generators(objs) -> list:
+    found = []
+    for obj in objs:
+        for value in (getattr(obj, "__dict__", None) or {}).values():
+            if isinstance(value, torch.Generator) and all(value is not g for g in found):
+                found.append(value)
+    return found
+
+
+@dataclass
+class EpochPlan:
+    """The numbered batches of one epoch, pulled lazily from the sampler."""
+
+    number: int
+    assumed: dict  # the sampler/dataset state this plan was made for
+    batches: Iterator[Any]
+    ahead: bool  # prepared before its iter(); not yet confirmed
+    rewind: list = field(default_factory=list)  # (generator, state) to restore if discarded
+    next_batch_no: int = 0
+    exhausted: bool = False
+    serial: int = field(default_factory=itertools.count().__next__)  # unique per plan
+
+
+class Planner:
+    """Produces :class:`EpochPlan` objects for a loader (see the module docstring)."""
+
+    def __init__(self, loader, *, lookahead: bool, torch_persistent: bool, dataset_in_workers: bool):
+        self._loader = loader  # a torch DataLoader: dataset, sampler, batch_sampler, generator
+        self.iterable = loader._dataset_kind == 1  # torch's _DatasetKind.Iterable
+        self.lookahead = lookahead and not self.iterable
+        self._redraw_each_epoch = not torch_persistent
+        self._dataset_in_workers = dataset_in_workers
+        self.base_seed: int | None = None
+        self._private: torch.Generator | None = None
+        self._builtin_random = isinstance(loader.sampler, RandomSampler) and getattr(
+            loader, "_nostall_builtin_sampler", False
+        )
+        self.epoch = -1
+        self._ahead: EpochPlan | None = None
+        self._states: list = []  # the states seen at the last two iter() calls
+
+    # -- state and prediction -------------------------------------------------
+    def _watched(self) -> dict:
+        loader = self._loader
+        watched = {"dataset": loader.dataset, "sampler": loader.sampler}
+        if loader.batch_sampler is not None:
+            watched["batch_sampler"] = loader.batch_sampler
+            inner = getattr(loader.batch_sampler, "sampler", None)
+            if inner is not None and inner is not loader.sampler:
+                watched["inner_sampler"] = inner
+        return watched
+
+    def _state(self) -> dict:
+        return {role: (id(obj), object_state(obj)) for role, obj in self._watched().items()}
+
+    def _predict(self, state: dict) -> dict:
+        previous = self._states[-2] if len(self._states) >= 2 else None
+        watched = self._watched()
+        predicted = {}
+        for role, (ident, attrs) in state.items():
+            new = dict(attrs)
+            before = previous[role][1] if previous and previous[role][0] == ident else None
+            for name, value in attrs.items():
+                if type(value) is not int:
+                    continue
+                if before is not None and type(before.get(name)) is int:
+                    new[name] = value + (value - before[name])
+                elif before is None and name in ("epoch", "_epoch") and hasattr(watched[role], "set_epoch"):
+                    new[name] = value + 1
+            predicted[role] = (ident, new)
+        return predicted
+
+    def _sampler_for(self, predicted: dict, state: dict):
+        """The index sampler as it will be in the predicted state (copies, never the user's)."""
+        loader = self._loader
+        changed = {
+            role: {k: v for k, v in predicted[role][1].items() if state[role][1].get(k) != v}
+            for role in predicted
+        }
+        index_sampler = loader._index_sampler
+        if not any(changed[r] for r in changed if r != "dataset"):
+            return index_sampler
+
+        def patched(obj, role):
+            if not changed.get(role):
+                return obj
+            twin = copy.copy(obj)
+            for name, value in changed[role].items():
+                setattr(twin, name, value)
+            return twin
+
+        if loader.batch_sampler is None:
+            return patched(loader.sampler, "sampler")
+        batch_sampler = patched(loader.batch_sampler, "batch_sampler")
+        inner_role = "inner_sampler" if "inner_sampler" in changed else "sampler"
+        inner = getattr(batch_sampler, "sampler", None)
+        if inner is not None and changed.get(inner_role):
+            if batch_sampler is loader.batch_sampler:
+                batch_sampler = copy.copy(batch_sampler)
+            batch_sampler.sampler = patched(inner, inner_role)
+        return batch_sampler
+
+    # -- plans ------------------------------------------------------------------
+    def _draw_epoch_seed(self, number: int) -> None:
+        generator = self._loader.generator
+        if number == 0 or (generator is not None and self._redraw_each_epoch):
+            value = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+            if number == 0:
+                self.base_seed = value
+
+    def _batches(self, index_sampler) -> Iterator[Any]:
+        if self.iterable:
+            return itertools.repeat(self._loader.batch_size)
+        return iter(index_sampler)
+
+    def begin(self) -> EpochPlan:
+        """Start the next epoch (called by ``iter(loader)``)."""
+        self.epoch += 1
+        state = self._state()
+        self._states = (self._states + [state])[-2:]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead.number == self.epoch and ahead.assumed == state:
+                ahead.ahead = False
+                return ahead
+            self.discard(ahead)
+        self._draw_epoch_seed(self.epoch)
+        plan = EpochPlan(self.epoch, state, self._batches(self._loader._index_sampler), ahead=False)
+        if self.epoch == 0 and self._builtin_random and self._loader.generator is None:
+            # Make the first epoch's global draw now, as torch's sampler does on its
+            # first batch; later epochs shuffle from a private generator.
+            first = next(plan.batches, None)
+            plan.batches = iter(()) if first is None else itertools.chain([first], plan.batches)
+            self._private = torch.Generator().manual_seed(self.base_seed)
+            self._loader.sampler.generator = self._private
+        return plan
+
+    def discard(self, plan: EpochPlan) -> None:
+        """Forget a plan prepared ahead, rewinding every generator it drew from."""
+        for generator, saved in plan.rewind:
+            generator.set_state(saved)
+        if plan is self._ahead:
+            self._ahead = None
+
+    def plan_ahead(self) -> EpochPlan | None:
+        """The next epoch's plan, prepared before its ``iter()``; None when not allowed."""
+        if self._ahead is not None:
+            return self._ahead
+        if not self.lookahead or self.epoch < 0:
+            return None
+        state = self._states[-1]
+        predicted = self._predict(state)
+        if predicted["dataset"] != state["dataset"] and not self._dataset_in_workers:
+            return None  # we would have to change the user's own dataset object
+        gens = _generators(self._watched().values())
+        if self._loader.generator is not None:
+            gens.append(self._loader.generator)
+        rewind = [(g, g.get_state()) for g in gens]
+        with _GlobalGuard(self) as guard:
+            self._draw_epoch_seed(self.epoch + 1)
+            batches = self._batches(self._sampler_for(predicted, state))
+        if guard.touched:
+            for generator, saved in rewind:
+                generator.set_state(saved)
+            return None
+        self._ahead = EpochPlan(self.epoch + 1, predicted, batches, ahead=True, rewind=rewind)
+        return self._ahead
+
+    def pull(self, plan: EpochPlan):
+        """Next batch of indices of ``plan`` as ``(batch_no, indices)``, or None at its end."""
+        if plan.ahead:
+            with _GlobalGuard(self) as guard:
+                indices = next(plan.batches, _END)
+            if guard.touched:
+                self.discard(plan)
+                plan.exhausted = True
+                return None
+        else:
+            indices = next(plan.batches, _END)
+        if indices is _END:
+            plan.exhausted = True
+            return None
+        batch_no = plan.next_batch_no
+        plan.next_batch_no += 1
+        return batch_no, indices
+
+
+_END = object()
+
+
+class _GlobalGuard:
+    """Undo any global-RNG draw made while preparing an epoch early, and stop doing so."""
+
+    def __init__(self, planner: Planner):
+        self.planner = planner
+        self.touched = False
+
+    def __enter__(self):
+        self._saved = _seeding.saved_global_rng().__enter__()
+        self._before = _seeding.global_rng_fingerprint()
+        return self
+
+    def __exit__(self, *exc):
+        if _seeding.global_rng_fingerprint() != self._before:
+            self.touched = True
+            self._saved.__exit__(None, None, None)
+            self.planner.lookahead = False
+            warnings.warn(
+                "nostall: the sampler draws from the global random number generator, so the "
+                "next epoch cannot be prepared while this one finishes without changing your "
+                "random stream; epochs will start only at iter(loader) (a short pause). Pass "
+                "the sampler a `generator=torch.Generator()` to remove the pause.",
+                stacklevel=4,
+            )
+        return False

@@ -1,0 +1,231 @@
+"""Persistent worker pools behind one small interface: submit, poll, close.
+
+``ProcessPool`` runs workers forked from a factory process (see ``_zygote``);
+``ThreadPool`` runs them as threads of this process. Both deliver
+``(worker_id, Result)`` pairs from ``poll``. A worker that disappears is reported as
+a ``Result`` of kind "died" whose payload is a :class:`WorkerExit`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import connection, reduction
+
+from . import _transport, _worker, _zygote
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker process ended: ``exitcode`` is negative for a signal, None if unknown."""
+
+    worker_id: int
+    pid: int | None
+    exitcode: int | None
+
+    def describe(self) -> str:
+        import signal
+
+        if self.exitcode is None:
+            how = "exited (exit status unknown)"
+        elif self.exitcode < 0:
+            try:
+                name = signal.Signals(-self.exitcode).name
+            except ValueError:
+                name = f"signal {-self.exitcode}"
+            how = f"was killed by {name}"
+            if self.exitcode == -9:
+                how += " (often the out-of-memory killer: check `dmesg` and the memory limit)"
+        else:
+            how = f"exited with code {self.exitcode}"
+        return f"nostall worker {self.worker_id} (pid {self.pid}) {how}"
+
+
+class ProcessPool:
+    """Worker processes forked from one factory process started with ``ctx``."""
+
+    passes_attrs = True  # workers hold their own copy of the dataset
+    poll_progressed = False
+
+    def __init__(self, ctx, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
+        self.num_workers = num_workers
+        self._control, child = ctx.Pipe(duplex=True)
+        kwargs = {"parent_end": self._control} if ctx.get_start_method() == "fork" else {}
+        self._factory = ctx.Process(
+            target=_zygote.factory_main,
+            args=(child, num_workers, base_seed, spec),
+            kwargs=kwargs,
+            name="nostall-factory",
+            daemon=False,  # it forks the workers; daemonic processes may not have children
+        )
+        self._factory.start()
+        child.close()
+        self._conns: dict[int, connection.Connection] = {}
+        self._worker_of: dict[connection.Connection, int] = {}
+        self.pids: dict[int, int] = {}
+        self._exits: dict[int, WorkerExit] = {}
+        self._closed = False
+        for worker_id in range(num_workers):
+            self._start_worker(worker_id)
+
+    def _start_worker(self, worker_id: int) -> None:
+        mine, theirs = connection.Pipe(duplex=True)
+        self._control.send(("start", worker_id))
+        reduction.send_handle(self._control, theirs.fileno(), self._factory.pid)
+        theirs.close()
+        self._conns[worker_id] = mine
+        self._worker_of[mine] = worker_id
+
+    def submit(self, worker_id: int, msg) -> None:
+        """Send a task (or an attribute update, a dict) to one worker."""
+        try:
+            self._conns[worker_id].send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker is gone; poll() reports it with its exit status
+
+    def poll(self, timeout: float | None) -> list:
+        """Wait up to ``timeout`` seconds for results; return what has arrived."""
+        ready = connection.wait([*self._conns.values(), self._control], timeout)
+        self.poll_progressed = bool(ready)
+        out = []
+        for conn in ready:
+            if conn is self._control:
+                self._read_control()
+                continue
+            worker_id = self._worker_of[conn]
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                out.append((worker_id, _worker.Result("died", -1, self._exit_of(worker_id))))
+                self._drop(worker_id)
+                continue
+            out.append((worker_id, _transport.loads(data)))
+        return out
+
+    def _read_control(self, timeout: float = 0.0) -> bool:
+        if not self._control.poll(timeout):
+            return False
+        try:
+            msg = self._control.recv()
+        except (EOFError, OSError):
+            self._factory.join(1.0)
+            raise RuntimeError(
+                f"the nostall worker factory (pid {self._factory.pid}) ended unexpectedly "
+                f"with exit code {self._factory.exitcode}; its workers are gone. This usually "
+                "means the process was killed (out of memory?) or the dataset could not be "
+                "unpickled in a fresh interpreter (see the error printed above)."
+            ) from None
+        if msg[0] == "started":
+            self.pids[msg[1]] = msg[2]
+        elif msg[0] == "exited":
+            self._exits[msg[1]] = WorkerExit(msg[1], msg[2], msg[3])
+        return True
+
+    def _exit_of(self, worker_id: int) -> WorkerExit:
+        # The factory reports the exit status just after the pipe closes; wait briefly.
+        deadline = time.monotonic() + 1.0
+        while worker_id not in self._exits and time.monotonic() < deadline:
+            if not self._read_control(timeout=0.05) and not self._factory.is_alive():
+                break
+        return self._exits.get(worker_id, WorkerExit(worker_id, self.pids.get(worker_id), None))
+
+    def _drop(self, worker_id: int) -> None:
+        conn = self._conns.pop(worker_id)
+        del self._worker_of[conn]
+        conn.close()
+
+    def wait_started(self, timeout: float = 30.0) -> dict:
+        """Block until every worker's pid is known (for tests and diagnostics)."""
+        deadline = time.monotonic() + timeout
+        while len(self.pids) < len(self._conns) and time.monotonic() < deadline:
+            self._read_control(timeout=0.1)
+        return dict(self.pids)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._factory.is_alive()
+
+    def close(self) -> None:
+        """End every worker and the factory; returns within about a second."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._conns.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            conn.close()
+        self._conns.clear()
+        self._worker_of.clear()
+        try:
+            self._control.send(("stop",))
+        except OSError:
+            pass
+        self._factory.join(2.0)
+        if self._factory.is_alive():
+            self._factory.kill()
+            self._factory.join(1.0)
+        self._control.close()
+        self._factory.close()
+
+
+class ThreadPool:
+    """Worker threads in this process; they share the dataset object with it."""
+
+    passes_attrs = False
+    poll_progressed = False
+
+    def __init__(self, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
+        _worker.install_thread_worker_info()
+        self.num_workers = num_workers
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inboxes = [queue.SimpleQueue() for _ in range(num_workers)]
+        self._threads = [
+            threading.Thread(
+                target=_worker.thread_main,
+                args=(self._inboxes[i], self._outbox, i, num_workers, base_seed, spec),
+                name=f"nostall-worker-{i}",
+                daemon=True,
+            )
+            for i in range(num_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.pids = {}
+        self._closed = False
+
+    def submit(self, worker_id: int, msg) -> None:
+        self._inboxes[worker_id].put(msg)
+
+    def poll(self, timeout: float | None) -> list:
+        self.poll_progressed = False
+        try:
+            out = [self._outbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                out.append(self._outbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait_started(self, timeout: float = 30.0) -> dict:
+        return {}
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        """Ask every thread to stop; a thread stuck in user code is left as a daemon."""
+        if self._closed:
+            return
+        self._closed = True
+        for inbox in self._inboxes:
+            inbox.put(None)
+        deadline = time.monotonic() + 1.0
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,124 @@
+"""Per-batch seeding: a batch's randomness depends on (base seed, epoch, batch number) only.
+
+Workers reseed Python's ``random``, NumPy's global generator and torch's default
+generator before every batch, so a batch is the same whichever worker makes it and
+however many workers there are. In-process loading (``num_workers=0``) does the same
+but saves and restores the caller's RNG state around each batch, so the training
+loop's own random stream is untouched.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import numpy as np
+except ImportError:  # numpy is a dependency, but keep the loader usable without it
+    np = None
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def batch_seed(base_seed: int, epoch: int, batch_no: int) -> int:
+    """Return the 63-bit seed of batch ``batch_no`` of ``epoch`` (cheap: three mixes)."""
+    x = _splitmix64(base_seed & _MASK64)
+    x = _splitmix64(x ^ (epoch & _MASK64))
+    x = _splitmix64(x ^ (batch_no & _MASK64))
+    return x >> 1
+
+
+def seed_globals(seed: int) -> None:
+    """Seed ``random``, ``numpy.random`` and torch's default generator from ``seed``."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if np is not None:
+        np.random.seed(seed & 0xFFFFFFFF)
+
+
+class saved_global_rng:
+    """Context manager that restores the global RNG states it found on entry."""
+
+    __slots__ = ("_state",)
+
+    def __enter__(self):
+        self._state = (
+            random.getstate(),
+            torch.get_rng_state(),
+            np.random.get_state() if np is not None else None,
+        )
+        return self
+
+    def __exit__(self, *exc):
+        py, th, npy = self._state
+        random.setstate(py)
+        torch.set_rng_state(th)
+        if npy is not None:
+            np.random.set_state(npy)
+        return False
+
+
+def global_rng_fingerprint() -> tuple:
+    """The full state of every global RNG, comparable with ``==`` (used once per epoch)."""
+    npy = None
+    if np is not None:
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        npy = (keys.tobytes(), pos, has_gauss, gauss)
+    return (random.getstate(), torch.get_rng_state().numpy().tobytes(), npy)
+
+
+@dataclass(frozen=True)
+class WorkerRNG:
+    """Per-thread generators for thread workers (global RNGs are shared between threads).
+
+    ``random_generator`` is a ``random.Random``, ``torch_generator`` a ``torch.Generator``
+    and ``numpy_generator`` a ``numpy.random.Generator``; all are reseeded per batch
+    exactly like the globals are in process workers.
+    """
+
+    random_generator: random.Random
+    torch_generator: torch.Generator
+    numpy_generator: object | None
+
+    @classmethod
+    def create(cls) -> WorkerRNG:
+        return cls(
+            random.Random(),
+            torch.Generator(),
+            np.random.default_rng() if np is not None else None,
+        )
+
+    def reseed(self, seed: int) -> None:
+        self.random_generator.seed(seed)
+        self.torch_generator.manual_seed(seed)
+        if np is not None:
+            # numpy Generators cannot be reseeded in place; swap the bit generator.
+            self.numpy_generator.bit_generator.state = np.random.PCG64(seed).state
+
+
+_thread_rng = threading.local()
+
+
+def worker_rng() -> WorkerRNG | None:
+    """Return the calling thread worker's per-batch-seeded generators, or ``None``.
+
+    Inside a thread worker (``worker_type="thread"``) use these instead of the global
+    ``random``/``numpy.random``/``torch`` functions to get batches that do not depend
+    on thread scheduling. In process workers and in the main process it returns
+    ``None``: there the global generators are already seeded per batch.
+    """
+    return getattr(_thread_rng, "rng", None)
+
+
+def _set_thread_rng(rng: WorkerRNG | None) -> None:
+    _thread_rng.rng = rng

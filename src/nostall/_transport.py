@@ -1,0 +1,50 @@
+"""Moving a batch from a worker process to the loader's process.
+
+Small tensors travel by value inside the message (a memcpy, no file descriptor);
+large tensors travel as shared memory through torch's own reductions (the worker's
+``default_collate`` already built them in shared memory, so only a descriptor moves).
+Handing a small batch to the main process through torch's queue costs more than
+making it; inlining is what makes tiny samples cheap here.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import torch
+from torch.multiprocessing import reductions
+
+# Below this a copy through the pipe beats passing a shared-memory descriptor.
+INLINE_BYTES = 256 * 1024
+
+
+def _rebuild_inline(raw: bytearray, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class _BatchPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if type(obj) is not torch.Tensor or obj.device.type != "cpu":
+            return NotImplemented
+        if obj.requires_grad or obj.layout != torch.strided or obj.is_quantized:
+            return NotImplemented
+        nbytes = obj.numel() * obj.element_size()
+        if nbytes > INLINE_BYTES:
+            return reductions.reduce_tensor(obj)
+        flat = obj.detach().contiguous().reshape(-1).view(torch.uint8)
+        return _rebuild_inline, (bytearray(flat.numpy().tobytes()), obj.dtype, tuple(obj.shape))
+
+
+def dumps(obj) -> bytes:
+    """Serialize a worker's message for the pipe (see module docstring)."""
+    buf = io.BytesIO()
+    _BatchPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getbuffer()
+
+
+def loads(data: bytes):
+    """Inverse of :func:`dumps`, in the loader's process."""
+    return pickle.loads(data)

@@ -1,0 +1,237 @@
+"""What a worker does: fetch samples, collate, send. Nothing else.
+
+``BatchMaker`` is shared by process workers, thread workers and in-process loading,
+so a batch is made the same way whatever runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch.utils.data._utils import worker as torch_worker
+from torch.utils.data._utils.fetch import _IterableDatasetFetcher
+
+from . import _seeding, _transport
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """Everything a worker needs to make batches; serialized once per pool, not per worker."""
+
+    dataset: Any
+    iterable: bool
+    auto_collation: bool
+    collate_fn: Callable
+    drop_last: bool
+    worker_init_fn: Callable | None
+
+
+class Task(NamedTuple):
+    """One batch to make. ``indices`` is a list of sample indices (map-style, batched),
+    one index (map-style, ``batch_size=None``), or the batch size (iterable datasets)."""
+
+    task_id: int
+    epoch: int
+    batch_no: int
+    indices: Any
+
+
+class Result(NamedTuple):
+    """A worker's answer. ``kind`` is "ok" (``payload`` is the batch), "stop" (an
+    iterable dataset is exhausted in this worker) or "error" (``payload`` is a
+    :class:`torch._utils.ExceptionWrapper`)."""
+
+    kind: str
+    task_id: int
+    payload: Any
+
+
+class BatchMaker:
+    """Makes batches from tasks, seeding randomness per batch (see ``_seeding``)."""
+
+    def __init__(self, spec: WorkSpec, base_seed: int, worker_id: int | None, seed_globals: bool):
+        self.spec = spec
+        self.dataset = spec.dataset
+        self.base_seed = base_seed
+        self.worker_id = worker_id
+        self.seed_globals = seed_globals
+        self.rng = _seeding.WorkerRNG.create()
+        self._fetcher = None
+        self._fetcher_epoch = None
+
+    def apply_attrs(self, attrs: dict) -> None:
+        """Mirror attributes the main process reassigned on its dataset (e.g. by set_epoch)."""
+        for name, value in attrs.items():
+            setattr(self.dataset, name, value)
+
+    def make(self, task: Task) -> Result:
+        seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
+        if self.seed_globals:
+            _seeding.seed_globals(seed)
+        self.rng.reseed(seed)
+        _seeding._set_thread_rng(self.rng)
+        current = [task.indices]
+        try:
+            if self.spec.iterable:
+                data = self._fetch_iterable(task)
+                if data is None:
+                    return Result("stop", task.task_id, None)
+            else:
+                data = self._fetch_map(task.indices, current)
+            return Result("ok", task.task_id, data)
+        except Exception:
+            where = self._where(task, current[0])
+            return Result("error", task.task_id, torch._utils.ExceptionWrapper(where=where))
+        finally:
+            _seeding._set_thread_rng(None)
+
+    def _fetch_map(self, indices, current: list):
+        spec = self.spec
+        if not spec.auto_collation:
+            current[0] = indices
+            return spec.collate_fn(self.dataset[indices])
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems:
+            data = getitems(indices)
+        else:
+            data = []
+            for index in indices:
+                current[0] = index
+                data.append(self.dataset[index])
+        current[0] = indices
+        return spec.collate_fn(data)
+
+    def _fetch_iterable(self, task: Task):
+        spec = self.spec
+        if self._fetcher_epoch != task.epoch:
+            self._fetcher = _IterableDatasetFetcher(
+                self.dataset, spec.auto_collation, spec.collate_fn, spec.drop_last
+            )
+            self._fetcher_epoch = task.epoch
+        try:
+            return self._fetcher.fetch(range(task.indices) if spec.auto_collation else None)
+        except StopIteration:
+            return None
+
+    def _where(self, task: Task, index) -> str:
+        who = "the main process" if self.worker_id is None else f"worker {self.worker_id} (pid {os.getpid()})"
+        what = f"batch {task.batch_no} of epoch {task.epoch}"
+        if not self.spec.iterable:
+            label = "sample index" if not isinstance(index, list) else "sample indices"
+            what += f", {label} {index}"
+        return f"in nostall {who} while making {what}"
+
+
+def _install_worker_info(worker_id: int, num_workers: int, seed: int, dataset, method: str):
+    info = torch_worker.WorkerInfo(
+        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset, worker_method=method
+    ) if "worker_method" in torch_worker.WorkerInfo.__dataclass_fields__ else torch_worker.WorkerInfo(
+        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset
+    )
+    if method == "thread":
+        _thread_info.info = info
+    else:
+        torch_worker._worker_info = info
+    return info
+
+
+def _init_worker(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, method: str):
+    """Seed like torch (base_seed + worker_id), publish WorkerInfo, run worker_init_fn."""
+    seed = base_seed + worker_id
+    if method != "thread":
+        _seeding.seed_globals(seed)
+    _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
+    if spec.worker_init_fn is not None:
+        spec.worker_init_fn(worker_id)
+
+
+def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
+    """Body of a worker process: receive tasks on ``conn``, answer with results.
+
+    The loop ends when the loader sends ``None`` or closes its end of the pipe, so a
+    worker never outlives its loader.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training loop's to handle
+    torch.set_num_threads(1)
+    try:
+        _init_worker(spec, worker_id, num_workers, base_seed, "multiprocessing")
+        maker = BatchMaker(spec, base_seed, worker_id, seed_globals=True)
+    except Exception:
+        wrapper = torch._utils.ExceptionWrapper(
+            where=f"in nostall worker {worker_id} (pid {os.getpid()}) while starting (worker_init_fn)"
+        )
+        conn.send_bytes(_transport.dumps(Result("error", -1, wrapper)))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        if isinstance(msg, dict):
+            maker.apply_attrs(msg)
+            continue
+        result = maker.make(msg)
+        try:
+            conn.send_bytes(_transport.dumps(result))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            return
+        except Exception:
+            wrapper = torch._utils.ExceptionWrapper(
+                where=f"in nostall worker {worker_id} (pid {os.getpid()}) while sending batch "
+                f"{msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)"
+            )
+            conn.send_bytes(_transport.dumps(Result("error", msg.task_id, wrapper)))
+
+
+# Thread workers: torch's get_worker_info() reads one module global, which threads
+# share; nostall answers from a thread-local first.
+_thread_info = threading.local()
+_torch_get_worker_info = torch_worker.get_worker_info
+
+
+def get_worker_info():
+    """torch's ``get_worker_info`` that also answers inside nostall thread workers."""
+    info = getattr(_thread_info, "info", None)
+    return info if info is not None else _torch_get_worker_info()
+
+
+def install_thread_worker_info() -> None:
+    """Route ``torch.utils.data.get_worker_info`` through the thread-aware version."""
+    import torch.utils.data as tud
+
+    tud.get_worker_info = get_worker_info
+    torch_worker.get_worker_info = get_worker_info
+    collate_mod = sys.modules.get("torch.utils.data._utils.collate")
+    if collate_mod is not None and hasattr(collate_mod, "get_worker_info"):
+        collate_mod.get_worker_info = get_worker_info
+
+
+def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
+    """Body of a thread worker: tasks from ``inbox`` (a queue), results to ``outbox``."""
+    try:
+        _init_worker(spec, worker_id, num_workers, base_seed, "thread")
+        maker = BatchMaker(spec, base_seed, worker_id, seed_globals=False)
+    except Exception:
+        wrapper = torch._utils.ExceptionWrapper(
+            where=f"in nostall thread worker {worker_id} while starting (worker_init_fn)"
+        )
+        outbox.put((worker_id, Result("error", -1, wrapper)))
+        return
+    try:
+        while True:
+            msg = inbox.get()
+            if msg is None:
+                return
+            if isinstance(msg, dict):
+                continue  # threads share the main process's dataset object
+            outbox.put((worker_id, maker.make(msg)))
+    finally:
+        _thread_info.info = None

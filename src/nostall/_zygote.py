@@ -1,0 +1,84 @@
+"""The worker factory: one process that holds the dataset and forks workers from it.
+
+Under ``spawn`` and ``forkserver`` the loader starts one fresh interpreter, sends it
+the dataset, collate_fn and worker_init_fn once, and that process forks every worker.
+Workers therefore start in milliseconds, in parallel, without importing torch or
+unpickling the dataset again; the factory itself is single-threaded, so forking it is
+as safe as a forkserver. Under ``fork`` the factory is a fork of the loader's process
+and nothing is serialized at all. The factory stays alive to replace or add workers.
+
+Protocol on the control pipe (loader -> factory): ``("start", worker_id)`` followed by
+the worker's pipe end as a passed file descriptor; ``("stop",)`` to end. The factory
+answers ``("started", worker_id, pid)`` and ``("exited", worker_id, pid, exitcode)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+from multiprocessing import connection, reduction
+
+from . import _worker
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe EOF still ends workers
+        pass
+
+
+def _worker_entry(fd: int, worker_id: int, num_workers: int, base_seed: int, spec) -> None:
+    die_with_parent()
+    conn = connection.Connection(fd)
+    _worker.process_main(conn, worker_id, num_workers, base_seed, spec)
+
+
+def factory_main(control, num_workers: int, base_seed: int, spec, parent_end=None) -> None:
+    """Body of the factory process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_end is not None:  # under fork we inherited the loader's end; drop it
+        parent_end.close()
+    fork = multiprocessing.get_context("fork")
+    workers = {}  # sentinel -> (worker_id, process)
+    try:
+        while True:
+            ready = connection.wait([control, *workers])
+            for obj in ready:
+                if obj is control:
+                    try:
+                        msg = control.recv()
+                    except (EOFError, OSError):
+                        return
+                    if msg[0] == "stop":
+                        return
+                    worker_id = msg[1]
+                    fd = reduction.recv_handle(control)
+                    proc = fork.Process(
+                        target=_worker_entry,
+                        args=(fd, worker_id, num_workers, base_seed, spec),
+                        name=f"nostall-worker-{worker_id}",
+                        daemon=True,
+                    )
+                    proc.start()
+                    os.close(fd)
+                    workers[proc.sentinel] = (worker_id, proc)
+                    control.send(("started", worker_id, proc.pid))
+                else:
+                    worker_id, proc = workers.pop(obj)
+                    proc.join()
+                    try:
+                        control.send(("exited", worker_id, proc.pid, proc.exitcode))
+                    except OSError:
+                        return
+    finally:
+        for _, proc in workers.values():
+            proc.kill()
+        for _, proc in workers.values():
+            proc.join(1.0)
