@@ -1,0 +1,261 @@
+"""Picklable datasets, samplers and collate functions shared by the test suite.
+
+Everything here is defined at module level so that the ``spawn`` start method can
+pickle it by reference (the test directory is on ``sys.path`` of every worker,
+because spawn copies the parent's ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+
+Point = collections.namedtuple("Point", ["x", "y"])
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to ``path`` atomically (O_APPEND, one small write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- map-style
+
+
+class Indexed(Dataset):
+    """``ds[i] == i``; the simplest deterministic map-style dataset."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return i
+
+
+class Rich(Dataset):
+    """Samples of one kind of Python/torch/numpy value, for default_collate."""
+
+    KINDS = ("tensor", "numpy", "int", "float", "bool", "str", "bytes", "dict",
+             "namedtuple", "tuple", "list", "nested")
+
+    def __init__(self, n: int, kind: str):
+        assert kind in self.KINDS
+        self.n = n
+        self.kind = kind
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        k = self.kind
+        if k == "tensor":
+            return torch.arange(3, dtype=torch.float32) + i
+        if k == "numpy":
+            return np.full((2, 2), i, dtype=np.float32)
+        if k == "int":
+            return i
+        if k == "float":
+            return i * 0.5
+        if k == "bool":
+            return i % 3 == 0
+        if k == "str":
+            return f"s{i}"
+        if k == "bytes":
+            return b"b%d" % i
+        if k == "dict":
+            return {"a": i, "b": torch.tensor([i, -i]), "c": f"x{i}"}
+        if k == "namedtuple":
+            return Point(i, torch.tensor(float(i)))
+        if k == "tuple":
+            return (i, torch.full((2,), i, dtype=torch.int32))
+        if k == "list":
+            return [i, i * 2.0, np.int64(i)]
+        # nested
+        return {
+            "t": (i, [torch.full((2,), i), np.int64(i)]),
+            "p": Point(x=f"{i}", y={"z": i * 1.5, "arr": np.arange(i, i + 2)}),
+        }
+
+
+class WithGetitems(Indexed):
+    """Has ``__getitems__``: torch calls it with the whole index list of a batch."""
+
+    def __getitem__(self, i):
+        return {"i": i, "via": "getitem"}
+
+    def __getitems__(self, indices):
+        return [{"i": i, "via": "getitems"} for i in indices]
+
+
+class Pid(Indexed):
+    """Returns (index, pid of the process that produced it)."""
+
+    def __getitem__(self, i):
+        return (i, os.getpid())
+
+
+class EpochAware(Indexed):
+    """``ds[i] == i + 1000 * epoch`` where epoch is set by ``set_epoch``."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        return i + 1000 * self.epoch
+
+
+class RandomValues(Indexed):
+    """Each sample draws from Python's, numpy's and torch's global RNGs."""
+
+    def __getitem__(self, i):
+        return {
+            "i": i,
+            "py": random.random(),
+            "np": np.random.rand(),
+            "torch": torch.rand(1),
+        }
+
+
+class WorkerInfoMap(Indexed):
+    """Reports what ``get_worker_info()`` says inside the worker."""
+
+    def __getitem__(self, i):
+        info = get_worker_info()
+        if info is None:
+            return {"i": i, "id": -1, "num_workers": 0, "seed": -1, "dataset_ok": True}
+        return {
+            "i": i,
+            "id": info.id,
+            "num_workers": info.num_workers,
+            "seed": info.seed,
+            "dataset_ok": isinstance(info.dataset, WorkerInfoMap) and info.dataset.n == self.n,
+        }
+
+
+class StartLog(Indexed):
+    """Appends "S <first index>" to a log file when a batch starts (``__getitems__``)."""
+
+    def __init__(self, n: int, log_path: str):
+        super().__init__(n)
+        self.log_path = log_path
+
+    def __getitems__(self, indices):
+        append_line(self.log_path, f"S {indices[0] if indices else -1}")
+        return list(indices)
+
+
+# --------------------------------------------------------------------------- iterable
+
+
+class SimpleIterable(IterableDataset):
+    """Yields 0..n-1 in every worker (no sharding: duplicates with >1 worker, as torch)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
+class ShardedIterable(IterableDataset):
+    """Shards 0..n-1 between workers with ``get_worker_info()``.
+
+    ``uneven=False``: worker w yields i with i % num_workers == w.
+    ``uneven=True``: worker w yields a contiguous block whose size grows with w, so
+    low-numbered workers are exhausted first (torch then skips them).
+    Each sample records which worker made it.
+    """
+
+    def __init__(self, n: int, uneven: bool = False):
+        self.n = n
+        self.uneven = uneven
+
+    def _shard(self, wid: int, nw: int):
+        if not self.uneven:
+            return range(wid, self.n, nw)
+        weights = [w + 1 for w in range(nw)]
+        total = sum(weights)
+        bounds = [0]
+        for w in weights:
+            bounds.append(bounds[-1] + w)
+        lo = math.floor(self.n * bounds[wid] / total)
+        hi = math.floor(self.n * bounds[wid + 1] / total)
+        return range(lo, hi)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in self._shard(wid, nw):
+            yield {"i": i, "worker": wid if info is not None else -1}
+
+
+# --------------------------------------------------------------------------- samplers / collate
+
+
+class EveryOtherReversed(Sampler):
+    """A custom sampler: odd indices descending, then even indices ascending."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        yield from range(self.n - 1 - ((self.n - 1) % 2 == 0), -1, -2)
+        yield from range(0, self.n, 2)
+
+    def __len__(self):
+        return self.n
+
+
+class GrowingBatchSampler(Sampler):
+    """A custom batch sampler: batches of size 1, 2, 3, ... over a shuffled-by-rule order."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _batches(self):
+        order = [(i * 7) % self.n for i in range(self.n)] if self.n % 7 else list(range(self.n))
+        out, pos, size = [], 0, 1
+        while pos < self.n:
+            out.append(order[pos:pos + size])
+            pos += size
+            size += 1
+        return out
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return len(self._batches())
+
+
+def collate_sum(batch):
+    """A custom collate_fn (module level so spawn can pickle it)."""
+    if not isinstance(batch, list):  # batch_size=None: called on one sample
+        return {"sum": batch * 10, "items": (batch,), "n": 1}
+    return {"sum": sum(batch), "items": tuple(batch), "n": len(batch)}
+
+
+def record_worker_init(worker_id: int) -> None:
+    """worker_init_fn: appends "I <worker_id> <pid>" to $NOSTALL_TEST_INIT_LOG."""
+    append_line(os.environ["NOSTALL_TEST_INIT_LOG"], f"I {worker_id} {os.getpid()}")
