@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import connection, reduction
 
-from . import _transport, _worker, _zygote
+from . import _pickling, _transport, _worker, _zygote
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class ProcessPool:
 
     def __init__(self, ctx, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
         self.num_workers = num_workers
+        method = ctx.get_start_method()
         self._control, child = ctx.Pipe(duplex=True)
-        kwargs = {"parent_end": self._control} if ctx.get_start_method() == "fork" else {}
+        kwargs = {"parent_end": self._control} if method == "fork" else {}
         self._factory = ctx.Process(
             target=_zygote.factory_main,
             args=(child, num_workers, base_seed, spec),
@@ -60,7 +61,15 @@ class ProcessPool:
             name="nostall-factory",
             daemon=False,  # it forks the workers; daemonic processes may not have children
         )
-        self._factory.start()
+        try:
+            self._factory.start()  # spawn/forkserver pickle the spec here, once
+        except Exception:
+            child.close()
+            self._control.close()
+            _pickling.check_picklable(  # name the culprit, if pickling was the problem
+                method, dataset=spec.dataset, collate_fn=spec.collate_fn, worker_init_fn=spec.worker_init_fn
+            )
+            raise
         child.close()
         self._conns: dict[int, connection.Connection] = {}
         self._worker_of: dict[connection.Connection, int] = {}
@@ -114,8 +123,9 @@ class ProcessPool:
             raise RuntimeError(
                 f"the nostall worker factory (pid {self._factory.pid}) ended unexpectedly "
                 f"with exit code {self._factory.exitcode}; its workers are gone. This usually "
-                "means the process was killed (out of memory?) or the dataset could not be "
-                "unpickled in a fresh interpreter (see the error printed above)."
+                "means the process was killed (out of memory?), the dataset could not be "
+                "unpickled in a fresh interpreter, or, under spawn/forkserver, the script "
+                "lacks an `if __name__ == \"__main__\":` guard (see the error printed above)."
             ) from None
         if msg[0] == "started":
             self.pids[msg[1]] = msg[2]

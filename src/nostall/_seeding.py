@@ -41,7 +41,9 @@ def batch_seed(base_seed: int, epoch: int, batch_no: int) -> int:
 def seed_globals(seed: int) -> None:
     """Seed ``random``, ``numpy.random`` and torch's default generator from ``seed``."""
     random.seed(seed)
-    torch.manual_seed(seed)
+    # torch.manual_seed would also seed every accelerator (~100x slower per batch);
+    # workers make CPU batches, so the CPU generator is the one that matters.
+    torch.default_generator.manual_seed(seed)
     if np is not None:
         np.random.seed(seed & 0xFFFFFFFF)
 
@@ -110,15 +112,28 @@ _thread_rng = threading.local()
 
 
 def worker_rng() -> WorkerRNG | None:
-    """Return the calling thread worker's per-batch-seeded generators, or ``None``.
+    """Return generators seeded for the batch being made, or ``None`` outside one.
 
-    Inside a thread worker (``worker_type="thread"``) use these instead of the global
-    ``random``/``numpy.random``/``torch`` functions to get batches that do not depend
-    on thread scheduling. In process workers and in the main process it returns
-    ``None``: there the global generators are already seeded per batch.
+    While a nostall worker (process or thread) or in-process loading makes a batch,
+    this returns a :class:`WorkerRNG` seeded from (base seed, epoch, batch number).
+    Thread workers share the global ``random``/``numpy.random``/``torch`` generators,
+    so dataset code that must give the same batches under ``worker_type="thread"``
+    draws from these instead. Seeding happens on first use in a batch, so datasets
+    that never call it pay nothing.
     """
-    return getattr(_thread_rng, "rng", None)
+    state = getattr(_thread_rng, "state", None)
+    if state is None:
+        return None
+    rng, seed = state
+    if seed is not None:
+        rng.reseed(seed)
+        _thread_rng.state = (rng, None)
+    return rng
 
 
-def _set_thread_rng(rng: WorkerRNG | None) -> None:
-    _thread_rng.rng = rng
+def _begin_batch(rng: WorkerRNG, seed: int) -> None:
+    _thread_rng.state = (rng, seed)
+
+
+def _end_batch() -> None:
+    _thread_rng.state = None

@@ -74,8 +74,7 @@ class BatchMaker:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
         if self.seed_globals:
             _seeding.seed_globals(seed)
-        self.rng.reseed(seed)
-        _seeding._set_thread_rng(self.rng)
+        _seeding._begin_batch(self.rng, seed)
         current = [task.indices]
         try:
             if self.spec.iterable:
@@ -89,7 +88,7 @@ class BatchMaker:
             where = self._where(task, current[0])
             return Result("error", task.task_id, torch._utils.ExceptionWrapper(where=where))
         finally:
-            _seeding._set_thread_rng(None)
+            _seeding._end_batch()
 
     def _fetch_map(self, indices, current: list):
         spec = self.spec
