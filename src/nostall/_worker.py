@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -190,27 +189,23 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
             conn.send_bytes(_transport.dumps(Result("error", msg.task_id, wrapper)))
 
 
-# Thread workers: torch's get_worker_info() reads one module global, which threads
-# share; nostall answers from a thread-local first.
+# Thread workers: torch's get_worker_info() returns one module global, which threads
+# share. Teaching torch's own function to look at a thread-local first makes every
+# reference to it (including `from torch.utils.data import get_worker_info` done
+# before nostall was imported) answer correctly inside thread workers.
 _thread_info = threading.local()
-_torch_get_worker_info = torch_worker.get_worker_info
 
 
-def get_worker_info():
-    """torch's ``get_worker_info`` that also answers inside nostall thread workers."""
-    info = getattr(_thread_info, "info", None)
-    return info if info is not None else _torch_get_worker_info()
+def _thread_aware_get_worker_info():  # runs with torch's worker module as its globals
+    info = getattr(_nostall_thread_info, "info", None)  # noqa: F821
+    return info if info is not None else _worker_info  # noqa: F821
 
 
 def install_thread_worker_info() -> None:
-    """Route ``torch.utils.data.get_worker_info`` through the thread-aware version."""
-    import torch.utils.data as tud
-
-    tud.get_worker_info = get_worker_info
-    torch_worker.get_worker_info = get_worker_info
-    collate_mod = sys.modules.get("torch.utils.data._utils.collate")
-    if collate_mod is not None and hasattr(collate_mod, "get_worker_info"):
-        collate_mod.get_worker_info = get_worker_info
+    """Make ``torch.utils.data.get_worker_info`` answer inside nostall thread workers."""
+    if getattr(torch_worker, "_nostall_thread_info", None) is None:
+        torch_worker._nostall_thread_info = _thread_info
+        torch_worker.get_worker_info.__code__ = _thread_aware_get_worker_info.__code__
 
 
 def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
