@@ -1,0 +1,8 @@
+"""``python -m nostall ...``: the same as the ``nostall`` command."""
+
+import sys
+
+from nostall._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The ``nostall`` command line.
+
+Each subcommand is an ``add_<name>(subparsers)`` function that declares its
+arguments and sets ``func``; ``main`` only dispatches. This module parses and
+prints; measuring lives in :mod:`nostall._measure`, datasets in
+:mod:`nostall._workloads`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from nostall import _measure
+from nostall._measure import LOADERS, START_METHODS, MeasureFailed, RunResult
+
+GUIDE_FRAMES = 6400  # the guide's measured case: 6,400 training images, batch 32
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+    return value
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- #
+# nostall demo
+# --------------------------------------------------------------------------- #
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="torch's DataLoader vs nostall on the SpotGEO-like workload",
+        description=(
+            "Run torch's DataLoader (transient and persistent workers) and nostall side by side "
+            "on SpotGEO-like telescope frames, each configuration in a fresh process, and print "
+            "time to first batch, the pauses between epochs, time per batch, throughput and "
+            "peak memory. Frames are generated once and cached ($NOSTALL_CACHE or "
+            "~/.cache/nostall)."
+        ),
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--frames", type=_positive_int, default=320,
+                      help="number of frames (default: %(default)s)")
+    size.add_argument("--full", action="store_true",
+                      help=f"the guide's size: {GUIDE_FRAMES:,} frames")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="default: %(default)s")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="default: %(default)s")
+    p.add_argument("--workers", type=_non_negative_int, nargs="+", default=[0, 2, 4],
+                   metavar="N", help="num_workers values (default: 0 2 4)")
+    p.add_argument("--start-method", nargs="+", choices=START_METHODS, default=["fork"],
+                   dest="start_methods", help="start methods (default: fork)")
+    p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
+                   help="loaders to compare (default: both)")
+    p.add_argument("--step-ms", type=float, default=0.0,
+                   help="simulated training step per batch, in ms of CPU (default: 0)")
+    p.add_argument("--cache-dir", default=None, help="where frames are kept")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds allowed per configuration (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from nostall._workloads import ensure_spotgeo
+
+    frames = GUIDE_FRAMES if args.full else args.frames
+    started = time.perf_counter()
+    frames_dir = ensure_spotgeo(frames, args.cache_dir, progress=_say)
+    _say(f"{frames} frames ready in {frames_dir}")
+
+    loaders = list(args.loaders)
+    if "nostall" in loaders and not _measure.nostall_available():
+        _say("note: nostall.DataLoader is not importable here; showing torch's rows only.")
+        loaders.remove("nostall")
+    if not loaders:
+        _say("nothing to run.")
+        return 1
+
+    specs = _measure.comparison_specs(
+        workers=args.workers,
+        start_methods=args.start_methods,
+        loaders=loaders,
+        workload="spotgeo",
+        size=frames,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        step_ms=args.step_ms,
+        cache_dir=args.cache_dir,
+    )
+    items: list[RunResult | MeasureFailed] = []
+    for i, spec in enumerate(specs, 1):
+        _say(f"[{i}/{len(specs)}] {spec.label()} ...")
+        try:
+            result = _measure.run_isolated(spec, timeout=args.timeout)
+        except MeasureFailed as exc:
+            _say(f"    FAILED: {exc}")
+            items.append(exc)
+            continue
+        _say("    " + _measure.summary_line(result))
+        items.append(result)
+
+    print()
+    print(f"SpotGEO-like frames: {frames}, batch size {args.batch_size}, {args.epochs} epochs, "
+          f"{_measure.environment_info()['usable_cpus']} CPUs")
+    print()
+    print(_measure.format_table(items))
+    print()
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+
+    if args.json:
+        payload = {
+            "command": " ".join(["nostall", *args.argv]),
+            "environment": _measure.environment_info(),
+            "results": [i.to_dict() for i in items if isinstance(i, RunResult)],
+            "failures": [{"spec": i.spec.to_dict(), "reason": i.reason, "output": i.output_tail}
+                         for i in items if isinstance(i, MeasureFailed)],
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        _say(f"wrote {path}")
+    return 0 if all(isinstance(i, RunResult) for i in items) else 1
+
+
+# --------------------------------------------------------------------------- #
+# Entry point
+# --------------------------------------------------------------------------- #
+
+SUBCOMMANDS = (add_demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nostall",
+        description="nostall: a DataLoader whose workers persist across epochs.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _say("interrupted.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
