@@ -259,3 +259,20 @@ def collate_sum(batch):
 def record_worker_init(worker_id: int) -> None:
     """worker_init_fn: appends "I <worker_id> <pid>" to $NOSTALL_TEST_INIT_LOG."""
     append_line(os.environ["NOSTALL_TEST_INIT_LOG"], f"I {worker_id} {os.getpid()}")
+
+
+class WorkerRngValues(Indexed):
+    """Draws from ``nostall.worker_rng()``: nostall's per-batch generators, which thread
+    workers must use because the global RNGs are shared between threads."""
+
+    def __getitem__(self, i):
+        import nostall
+
+        rng = nostall.worker_rng()
+        assert rng is not None, "nostall.worker_rng() is None while a batch is being made"
+        return {
+            "i": i,
+            "py": rng.random_generator.random(),
+            "np": float(rng.numpy_generator.random()),
+            "torch": torch.rand(1, generator=rng.torch_generator),
+        }

@@ -7,8 +7,11 @@ does not promise that (its seeds are per worker), so that part is nostall-only;
 what torch does promise - the same run twice with the same generator gives the same
 values, and epochs differ - is checked for both.
 
-Thread workers share the interpreter's global RNGs, so nostall promises only that
-one thread worker equals no workers at all.
+Thread workers share the interpreter's global RNGs (and with the training loop), so
+nostall does not reseed them in threads; what it promises instead is
+``nostall.worker_rng()``: generators seeded per batch exactly like the globals are
+in process workers. A dataset drawing from those gives the same batches for thread
+workers, process workers and no workers.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ import pytest
 import torch
 
 from conftest import PROCESS_IMPLS, assert_same_epochs, run_epochs
-from datasets import RandomValues
+from datasets import RandomValues, WorkerRngValues
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 N, BS, EPOCHS = 20, 3, 2
 
 
-def _run(loaders, impl, nw, seed=5, **kw):
-    loader = loaders.make(impl, RandomValues(N), batch_size=BS, shuffle=True, num_workers=nw,
+def _run(loaders, impl, nw, seed=5, dataset=RandomValues, **kw):
+    loader = loaders.make(impl, dataset(N), batch_size=BS, shuffle=True, num_workers=nw,
                           generator=torch.Generator().manual_seed(seed), **kw)
     return run_epochs(loader, EPOCHS)
 
@@ -67,8 +70,16 @@ def test_values_differ_between_epochs_and_samples(impl, loaders):
         assert not same, f"{key}: samples {same} drew the same value in epochs 0 and 1"
 
 
-def test_one_thread_worker_equals_no_workers(loaders):
-    assert_same_epochs(_run(loaders, "nostall", 0), _run(loaders, "nostall-thread", 1))
+def test_worker_rng_same_for_threads_processes_and_no_workers(loaders):
+    reference = _run(loaders, "nostall", 0, dataset=WorkerRngValues)
+    for impl, nw in (("nostall-thread", 1), ("nostall-thread", 2), ("nostall", 2)):
+        try:
+            assert_same_epochs(reference, _run(loaders, impl, nw, dataset=WorkerRngValues))
+        except AssertionError as exc:
+            raise AssertionError(f"{impl} num_workers={nw} differs from num_workers=0: {exc}") from None
+    # and the values are really random per sample / epoch
+    values = [v for e in reference for b in e for v in b["py"].tolist()]
+    assert len(set(values)) == len(values)
 
 
 def test_main_process_rng_untouched_by_workers(loaders):

@@ -76,8 +76,17 @@ class Snapshot:
             t.join(timeout)
         extra = [t.name for t in extra if t.is_alive()]
         assert not extra, f"{what}: threads still running: {extra}"
-        new_shm = shm_files() - self.shm
-        new_shm -= held_by_other_processes(new_shm)
+        # Other programs on a shared machine create and remove /dev/shm files all the
+        # time: a leftover of ours is a new file no other process holds, still there
+        # after a short wait.
+        deadline = time.monotonic() + 3.0
+        while True:
+            new_shm = shm_files() - self.shm
+            new_shm -= held_by_other_processes(new_shm)
+            new_shm &= shm_files()
+            if not new_shm or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert not new_shm, f"{what}: new files left in /dev/shm: {sorted(new_shm)}"
 
 
