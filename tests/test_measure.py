@@ -46,6 +46,7 @@ def test_measure_in_process_gives_sane_figures():
     assert len(r.epoch_times_s) == 3
     assert 0 < r.time_to_first_batch_s < 5
     assert 0 < r.median_batch_s < 1
+    assert 0 < r.mean_batch_s < 1
     assert r.median_wait_s <= r.median_batch_s + 1e-6
     assert r.samples_per_s > 0
     assert math.isclose(r.samples_per_s, r.total_samples / r.wall_s)
@@ -63,9 +64,23 @@ def test_result_round_trips_through_json():
     assert back == r
 
 
+def test_median_of_runs():
+    a = measure(_tiny_loader(n=32), epochs=3)
+    b = measure(_tiny_loader(n=32), epochs=3)
+    c = measure(_tiny_loader(n=32), epochs=3)
+    m = _measure.median_of_runs([a, b, c])
+    assert m.repeats == 3
+    assert m.total_samples == 96
+    assert m.samples_per_s == sorted([a.samples_per_s, b.samples_per_s, c.samples_per_s])[1]
+    assert m.epoch_pauses_s[1] == sorted(r.epoch_pauses_s[1] for r in (a, b, c))[1]
+    assert _measure.median_of_runs([a]) is a
+    with pytest.raises(ValueError):
+        _measure.median_of_runs([])
+
+
 def test_single_batch_epochs_have_no_time_per_batch():
     r = measure(_tiny_loader(n=8, batch_size=8), epochs=2)
-    assert math.isnan(r.median_batch_s)
+    assert math.isnan(r.median_batch_s) and math.isnan(r.mean_batch_s)
     assert r.to_dict()["median_batch_s"] is None
     assert len(r.epoch_pauses_s) == 1
 
@@ -305,3 +320,66 @@ def test_python_dash_m_nostall_help():
                          text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert "--full" in out.stdout and "--start-method" in out.stdout
+
+
+# --------------------------------------------------------------------------- benchmark script
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+    spec = importlib.util.spec_from_file_location("bench_core", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake(loader, nw, method=None, persistent=None, pause=0.1, batch=0.05, sps=100.0, mem=300.0, ttfb=1.0,
+          workload="spotgeo"):
+    spec = RunSpec(loader=loader, workload=workload, num_workers=nw, start_method=method, persistent=persistent)
+    return RunResult(time_to_first_batch_s=ttfb, epoch_pauses_s=(pause, pause / 2), median_batch_s=batch,
+                     mean_batch_s=batch, median_wait_s=batch / 2, samples_per_s=sps, wall_s=10.0,
+                     epoch_times_s=(3.0, 3.0, 3.0), total_samples=960, total_batches=30, epochs=3,
+                     peak_memory_mb=mem, base_memory_mb=200.0, memory_metric="pss", peak_processes=3,
+                     spec=spec)
+
+
+def test_bench_ratios_on_known_figures():
+    bench = _bench_module()
+    main = [
+        _fake("torch", 8, "spawn", False, pause=20.0, ttfb=18.0, sps=50.0),
+        _fake("torch", 8, "spawn", True, pause=0.8, ttfb=6.0, sps=250.0, mem=1400.0),
+        _fake("nostall", 8, "spawn", None, pause=0.05, ttfb=2.0, sps=300.0, mem=700.0),
+    ]
+    tiny = [
+        _fake("torch", 0, workload="tiny", sps=80_000.0),
+        _fake("torch", 2, "fork", True, workload="tiny", sps=40_000.0),
+        _fake("nostall", 2, "fork", None, workload="tiny", sps=120_000.0),
+    ]
+    rows = {(r["ratio"], r["config"]): r["value"] for r in bench.compute_ratios(main, tiny)}
+    assert rows[("time to first batch", "spawn, 8 workers, vs torch transient")] == pytest.approx(2 / 18)
+    assert rows[("time to first batch", "spawn, 8 workers, vs torch persistent")] == pytest.approx(2 / 6)
+    assert rows[("max pause", "8 workers, spawn, vs torch persistent")] == pytest.approx(0.05 / 0.8)
+    assert rows[("max pause / own median time per batch", "8 workers, spawn")] == pytest.approx(1.0)
+    assert rows[("samples/s", "8 workers, spawn, vs torch persistent")] == pytest.approx(1.2)
+    assert rows[("peak PSS", "8 workers, spawn, vs torch persistent")] == pytest.approx(0.5)
+    assert rows[("tiny samples/s", "2 workers, vs torch persistent")] == pytest.approx(3.0)
+    assert rows[("tiny samples/s", "nostall vs torch 0 workers")] == pytest.approx(1.5)
+    assert "| time to first batch |" in bench.format_ratios(bench.compute_ratios(main, tiny))
+
+
+@pytest.mark.timeout(120)
+def test_bench_script_smoke(tmp_path, capsys):
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--frames", "8", "--batch-size", "4", "--epochs", "2", "--workers", "0",
+                     "--methods", "fork", "--loaders", "torch", "--tiny-samples", "2048",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "### Tiny samples" in printed and "### Ratios" in printed
+    payload = json.loads(out.read_text())
+    assert len(payload["spotgeo"]) == 1 and len(payload["tiny"]) == 3
+    assert payload["duration_s"] > 0 and not payload["failures"]

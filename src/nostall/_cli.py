@@ -57,7 +57,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--frames", type=_positive_int, default=320,
+    size.add_argument("--frames", type=_positive_int, default=640,
                       help="number of frames (default: %(default)s)")
     size.add_argument("--full", action="store_true",
                       help=f"the guide's size: {GUIDE_FRAMES:,} frames")

@@ -25,6 +25,9 @@ What is measured (all times from ``time.perf_counter``):
   workers;
 * time per batch: the median interval between consecutive batch arrivals
   within an epoch (the first batch of each epoch excluded, it is the pause);
+  ``mean_batch_s`` is the mean of the same intervals (epoch span over batches):
+  with many workers batches arrive in bursts, the median interval can then be
+  near zero, and the mean is the steady cost of a batch;
 * samples/s: samples delivered over the whole run, loader construction to
   the last batch, divided by that time;
 * peak memory: the peak, over samples taken every ``sample_interval_s``
@@ -64,6 +67,7 @@ __all__ = [
     "environment_info",
     "format_table",
     "measure",
+    "median_of_runs",
     "nostall_available",
     "run_isolated",
     "run_spec",
@@ -172,6 +176,7 @@ class RunResult:
     time_to_first_batch_s: float
     epoch_pauses_s: tuple[float, ...]
     median_batch_s: float
+    mean_batch_s: float
     median_wait_s: float
     samples_per_s: float
     wall_s: float
@@ -184,6 +189,7 @@ class RunResult:
     memory_metric: str
     peak_processes: int
     orphans_killed: int = 0
+    repeats: int = 1
     spec: RunSpec | None = None
 
     @property
@@ -219,6 +225,41 @@ class RunResult:
             else:
                 kwargs[f.name] = value
         return cls(**kwargs)
+
+
+def median_of_runs(results: Sequence[RunResult]) -> RunResult:
+    """Combine repeated runs of one spec: the median of every figure.
+
+    Tuples (pauses, epoch times) are combined element by element; counts must
+    agree; ``orphans_killed`` is summed; ``repeats`` counts the runs.
+    """
+    if not results:
+        raise ValueError("`results` must hold at least one RunResult; got none.")
+    if len(results) == 1:
+        return results[0]
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunResult):
+        values = [getattr(r, f.name) for r in results]
+        if f.name == "spec":
+            out[f.name] = values[0]
+        elif f.name == "orphans_killed":
+            out[f.name] = sum(values)
+        elif f.name == "repeats":
+            out[f.name] = sum(values)
+        elif f.name == "memory_metric":
+            out[f.name] = "pss" if all(v == "pss" for v in values) else "rss"
+        elif isinstance(values[0], tuple):
+            out[f.name] = tuple(_nan_median(col) for col in zip(*values))
+        elif isinstance(values[0], float):
+            out[f.name] = _nan_median(values)
+        else:
+            out[f.name] = int(statistics.median(values))
+    return RunResult(**out)
+
+
+def _nan_median(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -461,6 +502,7 @@ def measure(
         time_to_first_batch_s=arrivals[0][0] - t0,
         epoch_pauses_s=pauses,
         median_batch_s=statistics.median(intervals) if intervals else math.nan,
+        mean_batch_s=sum(intervals) / len(intervals) if intervals else math.nan,
         median_wait_s=statistics.median(in_epoch_waits) if in_epoch_waits else math.nan,
         samples_per_s=total_samples / wall if wall > 0 else math.nan,
         wall_s=wall,
@@ -765,7 +807,7 @@ def summary_line(result: RunResult) -> str:
     return (
         f"first batch {_fmt(result.time_to_first_batch_s)} s, "
         f"pauses {format_pauses(result.epoch_pauses_s)} s, "
-        f"{_fmt(result.median_batch_s, 4)} s/batch, "
+        f"{_fmt(result.median_batch_s, 4)} s/batch (mean {_fmt(result.mean_batch_s, 4)}), "
         f"{_fmt(result.samples_per_s, 1)} samples/s, "
         f"peak {result.memory_metric.upper()} {_fmt(result.peak_memory_mb, 0)} MB"
         + (f", {result.orphans_killed} orphan process(es) killed" if result.orphans_killed else "")
