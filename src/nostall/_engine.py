@@ -117,6 +117,7 @@ class Engine:
         while True:
             result = self._take_ready(plan)
             if result is not None:
+                self._fill()  # the slot it held goes to new work before the user's step
                 return self._deliver(result)
             self._fill()
             if self._epoch_done(plan):

@@ -42,7 +42,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from . import _seeding
 
@@ -56,6 +63,19 @@ def object_state(obj) -> dict:
         name: value if isinstance(value, _PLAIN) else ("<object>", id(value))
         for name, value in attrs.items()
     }
+
+
+def draws_global_rng(sampler):
+    """True/False for torch's own samplers (does iterating it draw from the global
+    RNG?), None for a sampler nostall cannot classify (it is then watched instead)."""
+    kind = type(sampler)
+    if kind is BatchSampler:
+        return draws_global_rng(sampler.sampler)
+    if kind in (SequentialSampler, DistributedSampler, range, list, tuple):
+        return False
+    if kind in (RandomSampler, SubsetRandomSampler, WeightedRandomSampler):
+        return sampler.generator is None
+    return None
 
 
 def _generators(objs) -> list:
@@ -76,6 +96,7 @@ class EpochPlan:
     batches: Iterator[Any]
     ahead: bool  # prepared before its iter(); not yet confirmed
     rewind: list = field(default_factory=list)  # (generator, state) to restore if discarded
+    watched: bool = False  # pulls made ahead are checked for global-RNG draws
     next_batch_no: int = 0
     exhausted: bool = False
     serial: int = field(default_factory=itertools.count().__next__)  # unique per plan
@@ -216,19 +237,26 @@ class Planner:
         if self._loader.generator is not None:
             gens.append(self._loader.generator)
         rewind = [(g, g.get_state()) for g in gens]
-        with _GlobalGuard(self) as guard:
+        index_sampler = self._sampler_for(predicted, state)
+        draws = draws_global_rng(index_sampler)
+        if draws:
+            _GlobalGuard(self).disable()
+            return None
+        with _GlobalGuard(self, active=draws is None) as guard:
             self._draw_epoch_seed(self.epoch + 1)
-            batches = self._batches(self._sampler_for(predicted, state))
+            batches = self._batches(index_sampler)
         if guard.touched:
             for generator, saved in rewind:
                 generator.set_state(saved)
             return None
-        self._ahead = EpochPlan(self.epoch + 1, predicted, batches, ahead=True, rewind=rewind)
+        self._ahead = EpochPlan(
+            self.epoch + 1, predicted, batches, ahead=True, rewind=rewind, watched=draws is None
+        )
         return self._ahead
 
     def pull(self, plan: EpochPlan):
         """Next batch of indices of ``plan`` as ``(batch_no, indices)``, or None at its end."""
-        if plan.ahead:
+        if plan.ahead and plan.watched:
             with _GlobalGuard(self) as guard:
                 indices = next(plan.batches, _END)
             if guard.touched:
@@ -249,27 +277,36 @@ _END = object()
 
 
 class _GlobalGuard:
-    """Undo any global-RNG draw made while preparing an epoch early, and stop doing so."""
+    """Undo any global-RNG draw made while preparing an epoch early, and stop doing so.
 
-    def __init__(self, planner: Planner):
+    Only samplers nostall cannot classify are watched; thread workers drawing from
+    the global RNG at the same moment would look like the sampler drawing.
+    """
+
+    def __init__(self, planner: Planner, active: bool = True):
         self.planner = planner
+        self.active = active
         self.touched = False
 
     def __enter__(self):
-        self._saved = _seeding.saved_global_rng().__enter__()
-        self._before = _seeding.global_rng_fingerprint()
+        if self.active:
+            self._saved = _seeding.saved_global_rng().__enter__()
+            self._before = _seeding.global_rng_fingerprint()
         return self
 
     def __exit__(self, *exc):
-        if _seeding.global_rng_fingerprint() != self._before:
+        if self.active and _seeding.global_rng_fingerprint() != self._before:
             self.touched = True
             self._saved.__exit__(None, None, None)
-            self.planner.lookahead = False
-            warnings.warn(
-                "nostall: the sampler draws from the global random number generator, so the "
-                "next epoch cannot be prepared while this one finishes without changing your "
-                "random stream; epochs will start only at iter(loader) (a short pause). Pass "
-                "the sampler a `generator=torch.Generator()` to remove the pause.",
-                stacklevel=4,
-            )
+            self.disable()
         return False
+
+    def disable(self) -> None:
+        self.planner.lookahead = False
+        warnings.warn(
+            "nostall: the sampler draws from the global random number generator, so the "
+            "next epoch cannot be prepared while this one finishes without changing your "
+            "random stream; epochs will start only at iter(loader) (a short pause). Pass "
+            "the sampler a `generator=torch.Generator()` to remove the pause.",
+            stacklevel=5,
+        )
