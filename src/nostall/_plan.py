@@ -214,6 +214,7 @@ class Planner:
             plan.batches = iter(()) if first is None else itertools.chain([first], plan.batches)
             self._private = torch.Generator().manual_seed(self.base_seed)
             self._loader.sampler.generator = self._private
+            self._states[-1] = self._state()  # predictions start from the swapped sampler
         return plan
 
     def discard(self, plan: EpochPlan) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import pickle
+from multiprocessing.reduction import ForkingPickler
 
 import torch
-from torch.multiprocessing import reductions
+import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions)
 
 # Below this a copy through the pipe beats passing a shared-memory descriptor.
 INLINE_BYTES = 256 * 1024
@@ -25,15 +26,16 @@ def _rebuild_inline(raw: bytearray, dtype: torch.dtype, shape: tuple) -> torch.T
     return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-class _BatchPickler(pickle.Pickler):
+class _BatchPickler(ForkingPickler):
+    """torch's shared-memory pickler, except that small tensors travel by value."""
+
     def reducer_override(self, obj):
         if type(obj) is not torch.Tensor or obj.device.type != "cpu":
             return NotImplemented
         if obj.requires_grad or obj.layout != torch.strided or obj.is_quantized:
             return NotImplemented
-        nbytes = obj.numel() * obj.element_size()
-        if nbytes > INLINE_BYTES:
-            return reductions.reduce_tensor(obj)
+        if obj.numel() * obj.element_size() > INLINE_BYTES:
+            return NotImplemented  # torch's reduction: a shared-memory descriptor
         flat = obj.detach().contiguous().reshape(-1).view(torch.uint8)
         return _rebuild_inline, (bytearray(flat.numpy().tobytes()), obj.dtype, tuple(obj.shape))
 
@@ -41,7 +43,7 @@ class _BatchPickler(pickle.Pickler):
 def dumps(obj) -> bytes:
     """Serialize a worker's message for the pipe (see module docstring)."""
     buf = io.BytesIO()
-    _BatchPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _BatchPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getbuffer()
 
 

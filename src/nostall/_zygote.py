@@ -15,6 +15,7 @@ answers ``("started", worker_id, pid)`` and ``("exited", worker_id, pid, exitcod
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -45,6 +46,9 @@ def factory_main(control, num_workers: int, base_seed: int, spec, parent_end=Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_end is not None:  # under fork we inherited the loader's end; drop it
         parent_end.close()
+    # Keep the collector off the objects we hold (and workers inherit): a collection
+    # writes to every object it visits, turning shared pages into private copies.
+    gc.freeze()
     fork = multiprocessing.get_context("fork")
     workers = {}  # sentinel -> (worker_id, process)
     try:
