@@ -483,6 +483,7 @@ def measure(
             iterator = None
             if progress:
                 progress(f"epoch {epoch + 1}/{epochs}: {len(epoch_arrivals)} batches")
+        memory.sample()  # one certain sample while the workers live, however short the run
     finally:
         if loader is not None:
             close_loader(loader, iterator)
