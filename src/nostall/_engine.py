@@ -11,11 +11,8 @@ still count against the window until then, so the bound always holds.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import warnings
 from dataclasses import dataclass
 
-import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
 from . import _seeding
@@ -47,7 +44,7 @@ class Engine:
         self._inline: BatchMaker | None = None
         self._task_ids = itertools.count()
         self._inflight: dict[int, _InFlight] = {}
-        self._ready: dict[tuple, Result] = {}  # (epoch, batch_no) -> result
+        self._ready: dict[tuple, Result] = {}  # (plan serial, batch_no) -> result
         self._arrivals: list = []  # keys in arrival order, for in_order=False
         self._load: dict[int, int] = {}  # worker -> tasks in flight on it
         self._worker_dstate: dict[int, dict] = {}
@@ -63,14 +60,12 @@ class Engine:
         """Start a new epoch: abandon the unfinished one, reuse or discard work prepared ahead."""
         if self.closed:
             raise RuntimeError("this nostall DataLoader was closed; create a new one to load again")
-        if self._current is not None:
-            self._cancel(self._current)
         if not self.config.persistent and self.pool is not None:
             self._close_pool()
         plan = self.planner.begin()
         for task in self._inflight.values():
             if task.plan is not plan:
-                task.wanted = False  # a discarded prediction
+                task.wanted = False  # an abandoned epoch or a discarded prediction
         self._ready = {k: r for k, r in self._ready.items() if k[0] == plan.serial}
         self._arrivals = [k for k in self._arrivals if k in self._ready]
         self._current = plan
@@ -95,14 +90,6 @@ class Engine:
         self._load = {w: 0 for w in range(n)}
         start_state = object_state(self.spec.dataset)
         self._worker_dstate = {w: start_state for w in range(n)}
-
-    def _cancel(self, plan: EpochPlan) -> None:
-        for task in self._inflight.values():
-            if task.plan is plan:
-                task.wanted = False
-        self._ready = {k: r for k, r in self._ready.items() if k[0] != plan.serial}
-        self._arrivals = [k for k in self._arrivals if k in self._ready]
-        plan.exhausted = True
 
     # -- the hot path -------------------------------------------------------------
     def next_batch(self, plan: EpochPlan):
@@ -285,20 +272,3 @@ class Engine:
         self._close_pool()
         self._ready.clear()
         self._arrivals.clear()
-
-
-def resolve_context(multiprocessing_context):
-    """The multiprocessing context the loader's factory process starts with."""
-    if multiprocessing_context is None:
-        return torch.multiprocessing.get_context()
-    return multiprocessing_context
-
-
-def warn_pin_memory_once(_state={"warned": False}) -> None:
-    if not _state["warned"]:
-        _state["warned"] = True
-        warnings.warn(
-            "'pin_memory' argument is set as true but no accelerator is found, then device "
-            "pinned memory won't be used.",
-            stacklevel=4,
-        )

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 
 import torch
 import torch.utils.data as tud
 
 from ._config import PoolConfig
-from ._engine import Engine, resolve_context, warn_pin_memory_once
+from ._engine import Engine
 from ._plan import Planner
 from ._worker import WorkSpec
 
 _TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
+_pin_warned = False
+
+
+def _warn_pin_memory_once() -> None:
+    global _pin_warned
+    if not _pin_warned:
+        _pin_warned = True
+        warnings.warn(
+            "'pin_memory' argument is set as true but no accelerator is found, then device "
+            "pinned memory won't be used.",
+            stacklevel=4,
+        )
 
 
 class DataLoader(tud.DataLoader):
@@ -81,7 +94,7 @@ class DataLoader(tud.DataLoader):
         )
         self.in_order = in_order
         self.worker_type = worker_type
-        ctx = resolve_context(self.multiprocessing_context)
+        ctx = self.multiprocessing_context or torch.multiprocessing.get_context()
         self._config = PoolConfig(
             num_workers=num_workers,
             prefetch_factor=self.prefetch_factor or 0,
@@ -107,7 +120,7 @@ class DataLoader(tud.DataLoader):
             if torch.accelerator.is_available():
                 pin_device = torch.accelerator.current_accelerator().type
             else:
-                warn_pin_memory_once()
+                _warn_pin_memory_once()
         planner = Planner(
             weakref.proxy(self),
             lookahead=cfg.persistent and cfg.num_workers > 0,

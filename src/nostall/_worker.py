@@ -139,14 +139,24 @@ def _install_worker_info(worker_id: int, num_workers: int, seed: int, dataset, m
     return info
 
 
-def _init_worker(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, method: str):
-    """Seed like torch (base_seed + worker_id), publish WorkerInfo, run worker_init_fn."""
-    seed = base_seed + worker_id
-    if method != "thread":
-        _seeding.seed_globals(seed)
-    _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
-    if spec.worker_init_fn is not None:
-        spec.worker_init_fn(worker_id)
+def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, method: str):
+    """Seed like torch (base_seed + worker_id), publish WorkerInfo, run worker_init_fn.
+
+    Returns ``(BatchMaker, None)``, or ``(None, Result)`` carrying the start-up error.
+    """
+    threaded = method == "thread"
+    try:
+        seed = base_seed + worker_id
+        if not threaded:
+            _seeding.seed_globals(seed)
+        _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
+        if spec.worker_init_fn is not None:
+            spec.worker_init_fn(worker_id)
+        return BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded), None
+    except Exception:
+        who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
+        where = f"in nostall {who} while starting (worker_init_fn)"
+        return None, Result("error", -1, torch._utils.ExceptionWrapper(where=where))
 
 
 def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
@@ -157,14 +167,9 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training loop's to handle
     torch.set_num_threads(1)
-    try:
-        _init_worker(spec, worker_id, num_workers, base_seed, "multiprocessing")
-        maker = BatchMaker(spec, base_seed, worker_id, seed_globals=True)
-    except Exception:
-        wrapper = torch._utils.ExceptionWrapper(
-            where=f"in nostall worker {worker_id} (pid {os.getpid()}) while starting (worker_init_fn)"
-        )
-        conn.send_bytes(_transport.dumps(Result("error", -1, wrapper)))
+    maker, failure = _start(spec, worker_id, num_workers, base_seed, "multiprocessing")
+    if failure is not None:
+        conn.send_bytes(_transport.dumps(failure))
         return
     while True:
         try:
@@ -210,14 +215,9 @@ def install_thread_worker_info() -> None:
 
 def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
     """Body of a thread worker: tasks from ``inbox`` (a queue), results to ``outbox``."""
-    try:
-        _init_worker(spec, worker_id, num_workers, base_seed, "thread")
-        maker = BatchMaker(spec, base_seed, worker_id, seed_globals=False)
-    except Exception:
-        wrapper = torch._utils.ExceptionWrapper(
-            where=f"in nostall thread worker {worker_id} while starting (worker_init_fn)"
-        )
-        outbox.put((worker_id, Result("error", -1, wrapper)))
+    maker, failure = _start(spec, worker_id, num_workers, base_seed, "thread")
+    if failure is not None:
+        outbox.put((worker_id, failure))
         return
     try:
         while True:
