@@ -47,6 +47,7 @@ def test_measure_in_process_gives_sane_figures():
     assert 0 < r.time_to_first_batch_s < 5
     assert 0 < r.median_batch_s < 1
     assert 0 < r.mean_batch_s < 1
+    assert r.mean_batch_s <= r.max_batch_s < 1
     assert r.median_wait_s <= r.median_batch_s + 1e-6
     assert r.samples_per_s > 0
     assert math.isclose(r.samples_per_s, r.total_samples / r.wall_s)
@@ -340,7 +341,7 @@ def _fake(loader, nw, method=None, persistent=None, pause=0.1, batch=0.05, sps=1
           workload="spotgeo"):
     spec = RunSpec(loader=loader, workload=workload, num_workers=nw, start_method=method, persistent=persistent)
     return RunResult(time_to_first_batch_s=ttfb, epoch_pauses_s=(pause, pause / 2), median_batch_s=batch,
-                     mean_batch_s=batch, median_wait_s=batch / 2, samples_per_s=sps, wall_s=10.0,
+                     mean_batch_s=batch, max_batch_s=batch, median_wait_s=batch / 2, samples_per_s=sps, wall_s=10.0,
                      epoch_times_s=(3.0, 3.0, 3.0), total_samples=960, total_batches=30, epochs=3,
                      peak_memory_mb=mem, base_memory_mb=200.0, memory_metric="pss", peak_processes=3,
                      spec=spec)
@@ -362,7 +363,8 @@ def test_bench_ratios_on_known_figures():
     assert rows[("time to first batch", "spawn, 8 workers, vs torch transient")] == pytest.approx(2 / 18)
     assert rows[("time to first batch", "spawn, 8 workers, vs torch persistent")] == pytest.approx(2 / 6)
     assert rows[("max pause", "8 workers, spawn, vs torch persistent")] == pytest.approx(0.05 / 0.8)
-    assert rows[("max pause / own median time per batch", "8 workers, spawn")] == pytest.approx(1.0)
+    assert rows[("max pause / own time per batch", "8 workers, spawn")] == pytest.approx(1.0)
+    assert rows[("max pause / own longest in-epoch gap", "8 workers, spawn")] == pytest.approx(1.0)
     assert rows[("samples/s", "8 workers, spawn, vs torch persistent")] == pytest.approx(1.2)
     assert rows[("peak PSS", "8 workers, spawn, vs torch persistent")] == pytest.approx(0.5)
     assert rows[("tiny samples/s", "2 workers, vs torch persistent")] == pytest.approx(3.0)
