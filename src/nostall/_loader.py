@@ -18,6 +18,14 @@ _TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).p
 _pin_warned = False
 
 
+def _accelerator() -> str | None:
+    """The device type pinned memory is for, or None on a CPU-only machine."""
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if acc is not None:
+        return acc.current_accelerator().type if acc.is_available() else None
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def _warn_pin_memory_once() -> None:
     global _pin_warned
     if not _pin_warned:
@@ -117,9 +125,8 @@ class DataLoader(tud.DataLoader):
         cfg = self._config
         pin_device = None
         if cfg.pin_memory:
-            if torch.accelerator.is_available():
-                pin_device = torch.accelerator.current_accelerator().type
-            else:
+            pin_device = _accelerator()
+            if pin_device is None:
                 _warn_pin_memory_once()
         planner = Planner(
             weakref.proxy(self),
