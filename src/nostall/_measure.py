@@ -31,7 +31,8 @@ What is measured (all times from ``time.perf_counter``):
 * samples/s: samples delivered over the whole run, loader construction to
   the last batch, divided by that time;
 * peak memory: the peak, over samples taken every ``sample_interval_s``
-  (default 50 ms) by a background thread, of PSS summed over this process and
+  (default 50 ms; longer when a sample is costly, to stay under ~2% of a core)
+  by a background thread, of PSS summed over this process and
   all its descendants (``/proc/<pid>/smaps_rollup``). PSS splits shared pages
   between the processes sharing them, so forked workers are not counted
   several times. Where smaps_rollup cannot be read, RSS (which over-counts
@@ -304,7 +305,8 @@ class ProcessTreeMemory:
     ``peak_mb`` is the largest sum seen, ``metric`` is ``"pss"`` or ``"rss"``
     (when ``/proc/<pid>/smaps_rollup`` cannot be read, e.g. not Linux or an
     old kernel). One sample costs well under a millisecond for a few
-    processes; the thread sleeps in between. Use as a context manager or with
+    processes; the thread sleeps at least ``interval_s`` and at least 50 times
+    the last sample's cost in between, so sampling stays under ~2% of a core. Use as a context manager or with
     ``start()`` / ``stop()``; ``sample()`` takes one sample now.
     """
 
@@ -355,8 +357,14 @@ class ProcessTreeMemory:
         return mb
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # Reading smaps_rollup costs ~1-3 ms per torch process; keep the sampler under
+        # ~2% of one core so it does not slow the run it measures (more so the runs
+        # with more processes).
+        wait = self.interval_s
+        while not self._stop.wait(wait):
+            started = time.perf_counter()
             self.sample()
+            wait = max(self.interval_s, 50 * (time.perf_counter() - started))
 
     def start(self) -> ProcessTreeMemory:
         self.sample()
