@@ -163,11 +163,7 @@ class ProcessPool:
             return
         self._closed = True
         for conn in self._conns.values():
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-            conn.close()
+            conn.close()  # workers see the end of their pipe and return; never blocks
         self._conns.clear()
         self._worker_of.clear()
         try:

@@ -7,6 +7,7 @@ so a batch is made the same way whatever runs it.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 from dataclasses import dataclass
@@ -159,6 +160,29 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         return None, Result("error", -1, torch._utils.ExceptionWrapper(where=where))
 
 
+def _read_tasks_in_background(conn) -> queue.SimpleQueue:
+    """Drain the loader's messages into a queue as they come.
+
+    Without this, a loader sending large tasks (huge index lists) to a worker that
+    is itself blocked sending a large result could wait on each other forever:
+    each side's socket buffer full, neither reading. ``None`` marks the end.
+    """
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                msg = conn.recv()
+                inbox.put(msg)
+                if msg is None:
+                    return
+        except (EOFError, OSError):
+            inbox.put(None)
+
+    threading.Thread(target=read, name="nostall-task-reader", daemon=True).start()
+    return inbox
+
+
 def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
     """Body of a worker process: receive tasks on ``conn``, answer with results.
 
@@ -171,11 +195,9 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
     if failure is not None:
         conn.send_bytes(_transport.dumps(failure))
         return
+    inbox = _read_tasks_in_background(conn)
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
+        msg = inbox.get()
         if msg is None:
             return
         if isinstance(msg, dict):
