@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -255,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     duration = time.perf_counter() - started
     command = " ".join(["python benchmarks/bench_core.py", *args.argv])
 
-    print(f"## Core benchmark: nostall vs torch DataLoader\n")
+    print("## Core benchmark: nostall vs torch DataLoader\n")
     print(f"Command: `{command}`  ")
     print(f"Machine: {env['usable_cpus']} CPUs, Python {env['python']}, torch {env['torch']}, "
           f"{env['platform']}  ")

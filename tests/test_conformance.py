@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from conftest import (IMPLS, PROCESS_IMPLS, assert_same, assert_same_epochs, flat_indices,
+from conftest import (PROCESS_IMPLS, assert_same_epochs, flat_indices,
                       impl_nw, len_or_error, reference_epochs, run_epochs)
 from datasets import (EveryOtherReversed, GrowingBatchSampler, Indexed, Rich, ShardedIterable,
                       SimpleIterable, WithGetitems, WorkerInfoMap, collate_sum, record_worker_init)

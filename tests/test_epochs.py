@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from conftest import (IMPLS, NOSTALL_IMPLS, PROCESS_IMPLS, assert_same_epochs, flat_indices,
+from conftest import (IMPLS, PROCESS_IMPLS, assert_same_epochs, flat_indices,
                       impl_nw, reference_epochs)
 from datasets import EpochAware, Indexed, Pid, StartLog, append_line
 
