@@ -153,10 +153,6 @@ class ProcessPool:
             self._read_control(timeout=0.1)
         return dict(self.pids)
 
-    @property
-    def alive(self) -> bool:
-        return not self._closed and self._factory.is_alive()
-
     def close(self) -> None:
         """End every worker and the factory; returns within about a second."""
         if self._closed:
@@ -220,10 +216,6 @@ class ThreadPool:
 
     def wait_started(self, timeout: float = 30.0) -> dict:
         return {}
-
-    @property
-    def alive(self) -> bool:
-        return not self._closed
 
     def close(self) -> None:
         """Ask every thread to stop; a thread stuck in user code is left as a daemon."""
