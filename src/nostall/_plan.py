@@ -241,7 +241,7 @@ class Planner:
         index_sampler = self._sampler_for(predicted, state)
         draws = draws_global_rng(index_sampler)
         if draws:
-            _GlobalGuard(self).disable()
+            self.stop_lookahead()
             return None
         with _GlobalGuard(self, active=draws is None) as guard:
             self._draw_epoch_seed(self.epoch + 1)
@@ -273,6 +273,17 @@ class Planner:
         plan.next_batch_no += 1
         return batch_no, indices
 
+    def stop_lookahead(self) -> None:
+        """The sampler draws from the global RNG: prepare no epoch early from now on."""
+        self.lookahead = False
+        warnings.warn(
+            "nostall: the sampler draws from the global random number generator, so the "
+            "next epoch cannot be prepared while this one finishes without changing your "
+            "random stream; epochs will start only at iter(loader) (a short pause). Pass "
+            "the sampler a `generator=torch.Generator()` to remove the pause.",
+            stacklevel=5,
+        )
+
 
 _END = object()
 
@@ -299,15 +310,5 @@ class _GlobalGuard:
         if self.active and _seeding.global_rng_fingerprint() != self._before:
             self.touched = True
             self._saved.__exit__(None, None, None)
-            self.disable()
+            self.planner.stop_lookahead()
         return False
-
-    def disable(self) -> None:
-        self.planner.lookahead = False
-        warnings.warn(
-            "nostall: the sampler draws from the global random number generator, so the "
-            "next epoch cannot be prepared while this one finishes without changing your "
-            "random stream; epochs will start only at iter(loader) (a short pause). Pass "
-            "the sampler a `generator=torch.Generator()` to remove the pause.",
-            stacklevel=5,
-        )

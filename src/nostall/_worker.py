@@ -128,11 +128,9 @@ class BatchMaker:
 
 
 def _install_worker_info(worker_id: int, num_workers: int, seed: int, dataset, method: str):
-    info = torch_worker.WorkerInfo(
-        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset, worker_method=method
-    ) if "worker_method" in torch_worker.WorkerInfo.__dataclass_fields__ else torch_worker.WorkerInfo(
-        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset
-    )
+    # torch >= 2.9 records the worker method; older WorkerInfo has no such field.
+    extra = {"worker_method": method} if "worker_method" in torch_worker.WorkerInfo.__dataclass_fields__ else {}
+    info = torch_worker.WorkerInfo(id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset, **extra)
     if method == "thread":
         _thread_info.info = info
     else:
