@@ -1,13 +1,15 @@
 """The engine: a bounded window of batches in flight, delivered in plan order.
 
 It keeps up to ``window`` batches in flight (submitted, being made, or made and
-waiting for their turn), hands each to the least-loaded worker, and when the current
+waiting for their turn), hands each to the worker expected to finish it first
+(see ``_schedule``, which also spreads the workers' phases), and when the current
 epoch's sampler is exhausted it goes on with the next epoch's plan (see ``_plan``),
 so workers never idle at an epoch boundary. The whole window may go to the next
 epoch before its ``iter()``: with many workers sharing few cores, a full window
 is what has the next epoch's first batches ready in time (measured: capping it
 at one batch per worker brought back pauses of 0.1-0.25 s at 8 workers). The
-price is at most one window of batches made after the last epoch, for nothing. Results of work that is no longer
+price is at most one window of batches made after the last epoch, for nothing.
+Results of work that is no longer
 wanted (an abandoned epoch, a wrong prediction) are dropped when they arrive; they
 still count against the window until then, so the bound always holds.
 """
@@ -15,6 +17,7 @@ still count against the window until then, so the bound always holds.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
@@ -23,7 +26,8 @@ from . import _seeding
 from ._config import PoolConfig
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
-from ._worker import BatchMaker, Result, Task, WorkSpec
+from ._schedule import Scheduler
+from ._worker import BatchMaker, Pause, Result, Task, WorkSpec
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Engine:
         self._inflight: dict[int, _InFlight] = {}
         self._ready: dict[tuple, Result] = {}  # (plan serial, batch_no) -> result
         self._arrivals: list = []  # keys in arrival order, for in_order=False
-        self._load: dict[int, int] = {}  # worker -> tasks in flight on it
+        self._sched = Scheduler(0)
         self._worker_dstate: dict[int, dict] = {}
         self._current: EpochPlan | None = None
         self._deliver_no = 0
@@ -91,7 +95,7 @@ class Engine:
             self.pool = ThreadPool(self.spec, n, seed)
         else:
             self.pool = ProcessPool(self._ctx, self.spec, n, seed)
-        self._load = {w: 0 for w in range(n)}
+        self._sched = Scheduler(n)
         start_state = object_state(self.spec.dataset)
         self._worker_dstate = {w: start_state for w in range(n)}
 
@@ -200,14 +204,14 @@ class Engine:
             for worker_id in self._rr:
                 if worker_id in self._active:
                     return worker_id
-        return min(self._load, key=self._load.__getitem__) if self._load else None
+        return self._sched.pick(time.monotonic())
 
     def _submit(self, worker_id: int, plan: EpochPlan, batch_no: int, indices) -> None:
         if self.pool.passes_attrs:
             self._sync_dataset(worker_id, plan)
         task_id = next(self._task_ids)
         self._inflight[task_id] = _InFlight(plan, batch_no, worker_id, indices)
-        self._load[worker_id] += 1
+        self._sched.submitted(worker_id, time.monotonic())
         self.pool.submit(worker_id, Task(task_id, plan.number, batch_no, indices))
 
     def _sync_dataset(self, worker_id: int, plan: EpochPlan) -> None:
@@ -233,7 +237,8 @@ class Engine:
             self.close()
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
-        self._load[worker_id] -= 1
+        for worker, seconds in self._sched.answered(worker_id, result.started, result.done).items():
+            self.pool.submit(worker, Pause(seconds))
         if not task.wanted:
             return
         if result.kind == "stop":
@@ -268,7 +273,7 @@ class Engine:
         for task in self._inflight.values():
             task.wanted = False
         self._inflight.clear()
-        self._load = {}
+        self._sched = Scheduler(0)
 
     def close(self) -> None:
         """Release every worker; idempotent and safe to call from a finalizer."""

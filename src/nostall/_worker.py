@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -42,14 +43,23 @@ class Task(NamedTuple):
     indices: Any
 
 
+class Pause(NamedTuple):
+    """Idle this long before the next task (spreads the workers' phases, see ``_phases``)."""
+
+    seconds: float
+
+
 class Result(NamedTuple):
     """A worker's answer. ``kind`` is "ok" (``payload`` is the batch), "stop" (an
     iterable dataset is exhausted in this worker) or "error" (``payload`` is a
-    :class:`torch._utils.ExceptionWrapper`)."""
+    :class:`torch._utils.ExceptionWrapper`). ``started``/``done`` are the worker's
+    ``time.monotonic()`` around making it (one clock for every process on a machine)."""
 
     kind: str
     task_id: int
     payload: Any
+    started: float = 0.0
+    done: float = 0.0
 
 
 class BatchMaker:
@@ -71,6 +81,11 @@ class BatchMaker:
             setattr(self.dataset, name, value)
 
     def make(self, task: Task) -> Result:
+        started = time.monotonic()
+        kind, payload = self._make(task)
+        return Result(kind, task.task_id, payload, started, time.monotonic())
+
+    def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
         if self.seed_globals:
             _seeding.seed_globals(seed)
@@ -79,14 +94,11 @@ class BatchMaker:
         try:
             if self.spec.iterable:
                 data = self._fetch_iterable(task)
-                if data is None:
-                    return Result("stop", task.task_id, None)
-            else:
-                data = self._fetch_map(task.indices, current)
-            return Result("ok", task.task_id, data)
+                return ("stop", None) if data is None else ("ok", data)
+            return "ok", self._fetch_map(task.indices, current)
         except Exception:
             where = self._where(task, current[0])
-            return Result("error", task.task_id, torch._utils.ExceptionWrapper(where=where))
+            return "error", torch._utils.ExceptionWrapper(where=where)
         finally:
             _seeding._end_batch()
 
@@ -201,6 +213,9 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
         if isinstance(msg, dict):
             maker.apply_attrs(msg)
             continue
+        if isinstance(msg, Pause):
+            time.sleep(msg.seconds)
+            continue
         result = maker.make(msg)
         try:
             conn.send_bytes(_transport.dumps(result))
@@ -246,6 +261,9 @@ def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int,
                 return
             if isinstance(msg, dict):
                 continue  # threads share the main process's dataset object
+            if isinstance(msg, Pause):
+                time.sleep(msg.seconds)
+                continue
             outbox.put((worker_id, maker.make(msg)))
     finally:
         _thread_info.info = None

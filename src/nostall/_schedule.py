@@ -1,0 +1,93 @@
+"""Which worker makes the next batch, and when a worker should idle for a moment.
+
+Assignment: each batch goes to the worker expected to finish it first (its queue's
+expected end plus its own batch cost, learnt from the workers' time stamps), so
+batch numbers are made in the order they are delivered and a fast worker is never
+left waiting behind a slow one. Until every worker has reported a cost, the
+least-loaded worker gets it.
+
+Phases: workers that start together and make batches of equal cost finish
+together, round after round: the loop gets n batches at once, then nothing for a
+whole batch period, and an epoch boundary that falls between two rounds waits a
+whole period. When two workers finish closer together than half the even spacing
+(period / n), each worker is told to idle just long enough to take its place on
+an even grid; from then on they progress at the same rate and completions
+interleave. Idling costs nothing when workers outnumber cores (the others get the
+core) and a fraction of one batch otherwise; it is checked every few rounds, so
+slow drift is corrected without steady cost.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+_CHECK_EVERY_ROUNDS = 4
+
+
+class Scheduler:
+    """Per-worker load, cost and expected finish time for one pool of ``num_workers``."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.load = {w: 0 for w in range(num_workers)}  # tasks submitted, not yet answered
+        self._cost: dict[int, float] = {}  # worker -> recent seconds per batch
+        self._free_at = {w: 0.0 for w in range(num_workers)}  # when its queue is expected to drain
+        self._last_done: dict[int, float] = {}
+        self._answers = 0
+        self._next_check = 2 * num_workers
+
+    def pick(self, now: float) -> int | None:
+        """The worker that should get the next batch."""
+        if not self.load:
+            return None
+        if len(self._cost) < len(self.load):
+            return min(self.load, key=self.load.__getitem__)
+        return min(self._cost, key=lambda w: max(self._free_at[w], now) + self._cost[w])
+
+    def submitted(self, worker_id: int, now: float) -> None:
+        """Record a task sent to ``worker_id``."""
+        self.load[worker_id] += 1
+        cost = self._cost.get(worker_id)
+        if cost is not None:
+            self._free_at[worker_id] = max(self._free_at[worker_id], now) + cost
+
+    def answered(self, worker_id: int, started: float, done: float) -> dict[int, float]:
+        """Record an answer from ``worker_id`` stamped ``started``/``done`` by the worker.
+
+        Returns ``{worker_id: seconds}`` for workers that should idle that long
+        before their next task (usually empty).
+        """
+        self.load[worker_id] -= 1
+        if done <= 0.0:  # not stamped (a death notice)
+            return {}
+        took = done - started
+        old = self._cost.get(worker_id)
+        cost = self._cost[worker_id] = took if old is None else 0.75 * old + 0.25 * took
+        self._free_at[worker_id] = done + self.load[worker_id] * cost
+        self._last_done[worker_id] = done
+        self._answers += 1
+        if self._answers < self._next_check or len(self._last_done) < len(self.load):
+            return {}
+        self._next_check = self._answers + _CHECK_EVERY_ROUNDS * len(self.load)
+        pauses = self._spread(done)
+        for w, seconds in pauses.items():
+            self._free_at[w] += seconds
+        return pauses
+
+    def _spread(self, now: float) -> dict[int, float]:
+        n = len(self.load)
+        period = statistics.median(self._cost.values())
+        if period <= 0.0 or any(now - t > 1.5 * period for t in self._last_done.values()):
+            return {}  # someone was idle (the loop is the bottleneck): phases do not matter
+        first = min(self._last_done.values())
+        phase = {w: (t - first) % period for w, t in self._last_done.items()}
+        order = sorted(phase, key=phase.__getitem__)
+        spacing = period / n
+        gaps = [phase[b] - phase[a] for a, b in zip(order, order[1:])]
+        gaps.append(period - phase[order[-1]] + phase[order[0]])
+        if min(gaps) >= spacing / 2:
+            return {}
+        pauses = {}
+        for k, w in enumerate(order):
+            if k * spacing - phase[w] > spacing / 4:
+                pauses[w] = k * spacing - phase[w]
+        return pauses
