@@ -11,6 +11,7 @@ import collections
 import math
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -276,3 +277,16 @@ class WorkerRngValues(Indexed):
             "np": float(rng.numpy_generator.random()),
             "torch": torch.rand(1, generator=rng.torch_generator),
         }
+
+
+class Sleepy(Indexed):
+    """``ds[i] == i`` after waiting ``delay`` seconds, as a remote read would (the GIL
+    is released, so thread workers overlap too)."""
+
+    def __init__(self, n: int, delay: float):
+        super().__init__(n)
+        self.delay = delay
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return super().__getitem__(i)

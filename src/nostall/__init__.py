@@ -7,6 +7,8 @@ one finishes.
 
 from ._loader import DataLoader
 from ._seeding import WorkerRNG, worker_rng
+from ._stats import EpochStats, LoaderStats
+from ._watch import Watched, progress, watch
 
-__all__ = ["DataLoader", "WorkerRNG", "worker_rng"]
+__all__ = ["DataLoader", "EpochStats", "LoaderStats", "Watched", "WorkerRNG", "progress", "watch", "worker_rng"]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from ._config import PoolConfig
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
 from ._schedule import Scheduler
+from ._stats import WorkerLog
 from ._worker import BatchMaker, Pause, Result, Task, WorkSpec
 
 
@@ -55,6 +56,7 @@ class Engine:
         self._ready: dict[tuple, Result] = {}  # (plan serial, batch_no) -> result
         self._arrivals: list = []  # keys in arrival order, for in_order=False
         self._sched = Scheduler(0)
+        self.worker_log: WorkerLog | None = None  # for loader.stats
         self._worker_dstate: dict[int, dict] = {}
         self._current: EpochPlan | None = None
         self._deliver_no = 0
@@ -96,6 +98,8 @@ class Engine:
         else:
             self.pool = ProcessPool(self._ctx, self.spec, n, seed)
         self._sched = Scheduler(n)
+        if self.worker_log is None:
+            self.worker_log = WorkerLog(n, self.config.window)
         start_state = object_state(self.spec.dataset)
         self._worker_dstate = {w: start_state for w in range(n)}
 
@@ -112,6 +116,7 @@ class Engine:
         while True:
             result = self._take_ready(plan)
             if result is not None:
+                self.worker_log.delivered(self._occupancy() + 1)  # the pool exists: results came from it
                 self._fill()  # the slot it held goes to new work before the user's step
                 return self._deliver(result)
             self._fill()
@@ -237,6 +242,8 @@ class Engine:
             self.close()
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
+        if result.done:
+            self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
         for worker, seconds in self._sched.answered(worker_id, result.started, result.done).items():
             self.pool.submit(worker, Pause(seconds))
         if not task.wanted:

@@ -57,6 +57,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nostall._memory import ProcessTreeMemory
+from nostall._stats import batch_len
+
 __all__ = [
     "LOADERS",
     "MeasureFailed",
@@ -91,6 +94,10 @@ class RunSpec:
     ``start_method=None`` and ``persistent=None`` mean the loader's default;
     both are forced to ``None`` when ``num_workers == 0`` (torch rejects them
     there). ``step_ms`` is the simulated training step per batch.
+    ``workload`` is a built-in workload's name or the user's ``module:factory``
+    (``size`` and ``crop`` then do not apply); ``collate`` an optional
+    ``module:fn``. ``batches_per_epoch`` ends each epoch early (``break``), for
+    short probes of large datasets. ``worker_type`` applies to nostall only.
     """
 
     loader: str = "torch"
@@ -110,14 +117,31 @@ class RunSpec:
     cache_dir: str | None = None
     crop: int | None = 224
     sample_interval_s: float = 0.05
+    collate: str | None = None
+    batches_per_epoch: int | None = None
+    worker_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
             raise ValueError(f"`loader` must be one of {LOADERS}; got {self.loader!r}.")
         from nostall._workloads import WORKLOADS
 
-        if self.workload not in WORKLOADS:
-            raise ValueError(f"`workload` must be one of {sorted(WORKLOADS)}; got {self.workload!r}.")
+        from nostall._factory import is_reference
+
+        if self.workload not in WORKLOADS and not is_reference(self.workload):
+            raise ValueError(
+                f"`workload` must be one of {sorted(WORKLOADS)} or a `module:factory` reference; "
+                f"got {self.workload!r}."
+            )
+        if self.collate is not None and not is_reference(self.collate):
+            raise ValueError(f"`collate` must be None or a `module:function` reference; got {self.collate!r}.")
+        if self.batches_per_epoch is not None and (
+            isinstance(self.batches_per_epoch, bool) or not isinstance(self.batches_per_epoch, int)
+            or self.batches_per_epoch < 1
+        ):
+            raise ValueError(f"`batches_per_epoch` must be None or an int >= 1; got {self.batches_per_epoch!r}.")
+        if self.worker_type not in (None, "process", "thread"):
+            raise ValueError(f"`worker_type` must be None, 'process' or 'thread'; got {self.worker_type!r}.")
         for name in ("size", "batch_size", "epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -152,6 +176,10 @@ class RunSpec:
         if self.num_workers:
             parts.append(self.start_method or "default-start")
             parts.append("persistent" if self.persistent_effective else "transient")
+            if self.worker_type == "thread" and self.loader == "nostall":
+                parts.append("threads")
+            if self.prefetch_factor is not None:
+                parts.append(f"prefetch={self.prefetch_factor}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +221,7 @@ class RunResult:
     orphans_killed: int = 0
     repeats: int = 1
     spec: RunSpec | None = None
+    timeline_s: tuple = ()  # per epoch, each batch's arrival (s since construction)
 
     @property
     def max_pause_s(self) -> float:
@@ -204,6 +233,8 @@ class RunResult:
             value = getattr(self, f.name)
             if f.name == "spec":
                 out[f.name] = value.to_dict() if value is not None else None
+            elif f.name == "timeline_s":
+                out[f.name] = [list(ep) for ep in value]
             elif isinstance(value, tuple):
                 out[f.name] = [_nan_to_none(v) for v in value]
             else:
@@ -220,6 +251,8 @@ class RunResult:
             value = data[f.name]
             if f.name == "spec":
                 kwargs[f.name] = RunSpec.from_dict(value) if value is not None else None
+            elif f.name == "timeline_s":
+                kwargs[f.name] = tuple(tuple(ep) for ep in value)
             elif isinstance(value, list):
                 kwargs[f.name] = tuple(math.nan if v is None else v for v in value)
             elif value is None and f.name not in ("spec",):
@@ -242,8 +275,8 @@ def median_of_runs(results: Sequence[RunResult]) -> RunResult:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(RunResult):
         values = [getattr(r, f.name) for r in results]
-        if f.name == "spec":
-            out[f.name] = values[0]
+        if f.name in ("spec", "timeline_s"):
+            out[f.name] = values[0]  # a timeline is one run's; the first stands for all
         elif f.name == "orphans_killed":
             out[f.name] = sum(values)
         elif f.name == "repeats":
@@ -284,126 +317,8 @@ class MeasureFailed(RuntimeError):
 
 
 # --------------------------------------------------------------------------- #
-# Memory of a process tree
-# --------------------------------------------------------------------------- #
-
-
-def _read_pss_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-class ProcessTreeMemory:
-    """Samples the memory of a process and all its descendants in a thread.
-
-    ``peak_mb`` is the largest sum seen, ``metric`` is ``"pss"`` or ``"rss"``
-    (when ``/proc/<pid>/smaps_rollup`` cannot be read, e.g. not Linux or an
-    old kernel). One sample costs well under a millisecond for a few
-    processes; the thread sleeps at least ``interval_s`` and at least 50 times
-    the last sample's cost in between, so sampling stays under ~2% of a core. Use as a context manager or with
-    ``start()`` / ``stop()``; ``sample()`` takes one sample now.
-    """
-
-    def __init__(self, pid: int | None = None, interval_s: float = 0.05) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self.pid = os.getpid() if pid is None else pid
-        self.interval_s = interval_s
-        self.metric = "pss" if _read_pss_kb(self.pid) is not None else "rss"
-        self.peak_mb = 0.0
-        self.last_mb = 0.0
-        self.peak_processes = 0
-        self.samples = 0
-        self._root = psutil.Process(self.pid)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def _tree(self) -> list[Any]:
-        try:
-            return [self._root, *self._root.children(recursive=True)]
-        except self._psutil.Error:
-            return []
-
-    def sample(self) -> float:
-        """Take one sample; return the tree's memory in MiB."""
-        total_bytes = 0
-        procs = self._tree()
-        for proc in procs:
-            if self.metric == "pss":
-                kb = _read_pss_kb(proc.pid)
-                if kb is not None:
-                    total_bytes += kb * 1024
-            else:
-                try:
-                    total_bytes += proc.memory_info().rss
-                except self._psutil.Error:
-                    pass
-        mb = total_bytes / _MB
-        with self._lock:
-            self.samples += 1
-            self.last_mb = mb
-            if mb > self.peak_mb:
-                self.peak_mb = mb
-            if len(procs) > self.peak_processes:
-                self.peak_processes = len(procs)
-        return mb
-
-    def _run(self) -> None:
-        # Reading smaps_rollup costs ~1-3 ms per torch process; keep the sampler under
-        # ~2% of one core so it does not slow the run it measures (more so the runs
-        # with more processes).
-        wait = self.interval_s
-        while not self._stop.wait(wait):
-            started = time.perf_counter()
-            self.sample()
-            wait = max(self.interval_s, 50 * (time.perf_counter() - started))
-
-    def start(self) -> ProcessTreeMemory:
-        self.sample()
-        self._thread = threading.Thread(target=self._run, name="nostall-memory-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> float:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.sample()
-        return self.peak_mb
-
-    def __enter__(self) -> ProcessTreeMemory:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# --------------------------------------------------------------------------- #
 # Measuring a loader in this process
 # --------------------------------------------------------------------------- #
-
-
-def _batch_len(batch: Any) -> int:
-    """Number of samples in a collated batch (dict, tuple/list or tensor)."""
-    if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
-    elif isinstance(batch, (list, tuple)) and batch:
-        batch = batch[0]
-    shape = getattr(batch, "shape", None)
-    if shape is not None and len(shape) > 0:
-        return int(shape[0])
-    try:
-        return len(batch)
-    except TypeError:
-        return 1
 
 
 def _make_step(step_ms: float) -> Callable[[], None] | None:
@@ -449,11 +364,13 @@ def measure(
     sample_interval_s: float = 0.05,
     progress: Callable[[str], None] | None = None,
     spec: RunSpec | None = None,
+    batches_per_epoch: int | None = None,
 ) -> RunResult:
     """Build a loader with ``factory()``, run ``epochs`` epochs, close it, report.
 
     The loader is closed (``close_loader``) whatever happens. ``progress`` gets
-    one line per epoch.
+    one line per epoch. ``batches_per_epoch`` leaves each epoch after that many
+    batches (as a ``break`` in a training loop would).
     """
     if epochs < 1:
         raise ValueError(f"`epochs` must be >= 1; got {epochs!r}.")
@@ -483,12 +400,14 @@ def measure(
                 now = perf()
                 epoch_arrivals.append(now)
                 waits.append(now - last_done)
-                total_samples += _batch_len(batch)
+                total_samples += batch_len(batch)
                 del batch
                 if step is not None:
                     step()
                 last_done = perf()
                 epoch_dones.append(last_done)
+                if batches_per_epoch is not None and len(epoch_arrivals) >= batches_per_epoch:
+                    break
             iterator = None
             if progress:
                 progress(f"epoch {epoch + 1}/{epochs}: {len(epoch_arrivals)} batches")
@@ -528,6 +447,7 @@ def measure(
         memory_metric=memory.metric,
         peak_processes=memory.peak_processes,
         spec=spec,
+        timeline_s=tuple(tuple(round(t - t0, 6) for t in ep) for ep in arrivals),
     )
 
 
@@ -555,8 +475,12 @@ def nostall_available() -> bool:
 
 
 def build_dataset(spec: RunSpec, progress: Callable[[str], None] | None = None) -> Any:
+    """The dataset ``spec`` names: a built-in workload, or the user's ``module:factory``."""
+    from nostall._factory import call_factory
     from nostall._workloads import WORKLOADS
 
+    if spec.workload not in WORKLOADS:
+        return call_factory(spec.workload, "--dataset")
     options: dict[str, Any] = {"seed": spec.seed}
     if spec.workload == "spotgeo":
         options.update(root=spec.cache_dir, crop=spec.crop, progress=progress)
@@ -580,6 +504,12 @@ def loader_factory(spec: RunSpec, dataset: Any) -> Callable[[], Any]:
         pin_memory=spec.pin_memory,
         drop_last=spec.drop_last,
     )
+    if spec.collate is not None:
+        from nostall._factory import resolve
+
+        kwargs["collate_fn"] = resolve(spec.collate, "--collate")
+    if spec.worker_type is not None and spec.loader == "nostall":
+        kwargs["worker_type"] = spec.worker_type
     if spec.num_workers > 0:
         if spec.start_method is not None:
             kwargs["multiprocessing_context"] = spec.start_method
@@ -609,6 +539,7 @@ def run_spec(spec: RunSpec, progress: Callable[[str], None] | None = None) -> Ru
         sample_interval_s=spec.sample_interval_s,
         progress=progress,
         spec=spec,
+        batches_per_epoch=spec.batches_per_epoch,
     )
 
 
@@ -790,15 +721,19 @@ def table_row(item: RunResult | MeasureFailed) -> list[str]:
     ]
 
 
-def format_table(items: Sequence[RunResult | MeasureFailed]) -> str:
-    """A markdown table, one row per run, columns as in :data:`TABLE_HEADER`."""
+def format_table(items: Sequence[RunResult | MeasureFailed], verdicts: Sequence[str] | None = None) -> str:
+    """A markdown table, one row per run, columns as in :data:`TABLE_HEADER`
+    (and a last ``verdict`` column when ``verdicts`` are given)."""
     metrics = {i.memory_metric for i in items if isinstance(i, RunResult)}
     metric = "PSS" if metrics <= {"pss"} else "RSS"
     header = [h.format(metric=metric) for h in TABLE_HEADER]
     rows = [table_row(i) for i in items]
+    if verdicts is not None:
+        header.append("verdict")
+        rows = [row + [v] for row, v in zip(rows, verdicts)]
     widths = [max(len(header[c]), *(len(r[c]) for r in rows)) if rows else len(header[c])
               for c in range(len(header))]
-    numeric = set(range(1, len(header))) - {2, 3}
+    numeric = set(range(1, len(TABLE_HEADER))) - {2, 3}
 
     def line(cells: Sequence[str]) -> str:
         out = []

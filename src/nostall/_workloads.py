@@ -337,6 +337,38 @@ class TinySamples(Dataset):
         return f"TinySamples(n={self.n})"
 
 
+class RemoteReads(Dataset):
+    """``n`` samples that each wait ``delay_s`` (10 ms by default), as a read from
+    object storage or a network file system would, then return a small tensor.
+
+    ``dataset[i]`` is ``(float32 tensor of 64 values, i % 10)``, a function of
+    ``i`` only. The wait releases the GIL and uses no CPU, so throughput grows
+    with workers far beyond the number of cores.
+    """
+
+    def __init__(self, n: int, delay_s: float = 0.010) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`n` must be a positive int; got {n!r}.")
+        if not delay_s >= 0:
+            raise ValueError(f"`delay_s` must be >= 0 seconds; got {delay_s!r}.")
+        self.n = n
+        self.delay_s = delay_s
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} samples")
+        time.sleep(self.delay_s)
+        return torch.full((64,), float(index)), index % 10
+
+    def __repr__(self) -> str:
+        return f"RemoteReads(n={self.n}, delay_s={self.delay_s})"
+
+
 # --------------------------------------------------------------------------- #
 # Registry
 # --------------------------------------------------------------------------- #
@@ -368,6 +400,10 @@ def _build_tiny(size: int, **_ignored: Any) -> TinySamples:
     return TinySamples(size)
 
 
+def _build_latency(size: int, **_ignored: Any) -> RemoteReads:
+    return RemoteReads(size)
+
+
 WORKLOADS: dict[str, Workload] = {
     "spotgeo": Workload(
         name="spotgeo",
@@ -380,5 +416,11 @@ WORKLOADS: dict[str, Workload] = {
         description="tiny samples (~10 us each): the loader's own overhead",
         default_size=100_000,
         build=_build_tiny,
+    ),
+    "latency": Workload(
+        name="latency",
+        description="latency-bound samples: each waits 10 ms, as a remote read would",
+        default_size=2_000,
+        build=_build_latency,
     ),
 }
