@@ -36,9 +36,9 @@ def test_expected_finish_prefers_the_faster_worker():
     assert picks[:9] == [0] * 9 and picks.count(1) == 1
 
 
-def _warm_up(s: Scheduler, n: int, period: float, phases: list[float]) -> dict:
-    """Every worker makes batches of ``period`` seconds at the given phases; return
-    the pauses asked at the first check."""
+def _warm_up(s: Scheduler, n: int, period: float, phases: list[float], cpu_share: float = 1.0) -> dict:
+    """Every worker makes batches of ``period`` seconds (``cpu_share`` of it on the
+    CPU) at the given phases; return the pauses asked at the first check."""
     t = 10.0
     asked = {}
     for round_no in range(3):
@@ -46,21 +46,27 @@ def _warm_up(s: Scheduler, n: int, period: float, phases: list[float]) -> dict:
             s.submitted(w, 0.0)
         for w in sorted(range(n), key=lambda w: phases[w]):
             done = t + round_no * period + phases[w]
-            asked.update(s.answered(w, done - period, done))
+            asked.update(s.answered(w, done - period, done, cpu_share * period))
     return asked
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_workers_in_lockstep_are_spread_over_one_period(n):
     period = 0.24
-    pauses = _warm_up(Scheduler(n), n, period, [0.0] * n)
+    pauses = _warm_up(Scheduler(n, cpus=2), n, period, [0.0] * n)
     assert len(pauses) == n - 1  # one leader keeps going
     assert sorted(pauses.values()) == pytest.approx([k * period / n for k in range(1, n)])
 
 
 def test_spread_phases_are_left_alone():
     n, period = 4, 0.2
-    assert _warm_up(Scheduler(n), n, period, [k * period / n for k in range(n)]) == {}
+    assert _warm_up(Scheduler(n, cpus=2), n, period, [k * period / n for k in range(n)]) == {}
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_workers_that_mostly_wait_are_not_idled(n):
+    # Remote reads: 5% CPU each. Idling one would lose its throughput, not lend it.
+    assert _warm_up(Scheduler(n, cpus=2), n, 0.3, [0.0] * n, cpu_share=0.05) == {}
 
 
 def test_no_spreading_when_a_worker_was_idle():

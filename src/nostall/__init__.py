@@ -6,9 +6,10 @@ one finishes.
 """
 
 from ._loader import DataLoader
+from ._loader_config import LoaderConfig
 from ._seeding import WorkerRNG, worker_rng
 from ._stats import EpochStats, LoaderStats
 from ._watch import Watched, progress, watch
 
-__all__ = ["DataLoader", "EpochStats", "LoaderStats", "Watched", "WorkerRNG", "progress", "watch", "worker_rng"]
+__all__ = ["DataLoader", "EpochStats", "LoaderConfig", "LoaderStats", "Watched", "WorkerRNG", "progress", "watch", "worker_rng"]
 __version__ = "0.1.0"

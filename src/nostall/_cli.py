@@ -15,24 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nostall import _measure
+from nostall import _bench, _doctor, _loader_config, _measure, _tune
+from nostall._bench import non_negative_int as _non_negative_int
+from nostall._bench import positive_int as _positive_int
 from nostall._measure import LOADERS, START_METHODS, MeasureFailed, RunResult
 
 GUIDE_FRAMES = 6400  # the guide's measured case: 6,400 training images, batch 32
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
-    return value
 
 
 def _say(message: str) -> None:
@@ -105,17 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
         step_ms=args.step_ms,
         cache_dir=args.cache_dir,
     )
-    items: list[RunResult | MeasureFailed] = []
-    for i, spec in enumerate(specs, 1):
-        _say(f"[{i}/{len(specs)}] {spec.label()} ...")
-        try:
-            result = _measure.run_isolated(spec, timeout=args.timeout)
-        except MeasureFailed as exc:
-            _say(f"    FAILED: {exc}")
-            items.append(exc)
-            continue
-        _say("    " + _measure.summary_line(result))
-        items.append(result)
+    items = _bench.run_sweep(specs, args.timeout)
 
     print()
     print(f"SpotGEO-like frames: {frames}, batch size {args.batch_size}, {args.epochs} epochs, "
@@ -144,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
 # Entry point
 # --------------------------------------------------------------------------- #
 
-SUBCOMMANDS = (add_demo,)
+SUBCOMMANDS = (add_demo, _bench.add_parser, _tune.add_parser, _loader_config.add_parser, _doctor.add_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

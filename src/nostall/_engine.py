@@ -244,7 +244,7 @@ class Engine:
         task = self._inflight.pop(result.task_id)
         if result.done:
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
-        for worker, seconds in self._sched.answered(worker_id, result.started, result.done).items():
+        for worker, seconds in self._sched.answered(worker_id, result.started, result.done, result.cpu).items():
             self.pool.submit(worker, Pause(seconds))
         if not task.wanted:
             return

@@ -133,6 +133,15 @@ class DataLoader(tud.DataLoader):
         else:
             self._stats = None
 
+    @classmethod
+    def from_config(cls, dataset, config, **overrides) -> DataLoader:
+        """A loader from a configuration: a YAML file (``nostall tune`` writes one),
+        a template name (``"small"``, ``"medium"``, ``"large"``) or a
+        ``LoaderConfig``. ``overrides`` (e.g. ``generator``, ``collate_fn``) win."""
+        from ._loader_config import loader_kwargs, resolve
+
+        return cls(dataset, **{**loader_kwargs(resolve(config)), **overrides})
+
     def _start_engine(self) -> Engine:
         cfg = self._config
         pin_device = None

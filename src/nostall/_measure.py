@@ -50,13 +50,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nostall._cpus import usable_cpus
 from nostall._memory import ProcessTreeMemory
 from nostall._stats import batch_len
 
@@ -124,9 +124,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
             raise ValueError(f"`loader` must be one of {LOADERS}; got {self.loader!r}.")
-        from nostall._workloads import WORKLOADS
-
         from nostall._factory import is_reference
+        from nostall._workloads import WORKLOADS
 
         if self.workload not in WORKLOADS and not is_reference(self.workload):
             raise ValueError(
@@ -771,7 +770,7 @@ def environment_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": usable_cpus().count,
         "nostall_available": nostall_available(),
     }
 

@@ -12,26 +12,35 @@ whole batch period, and an epoch boundary that falls between two rounds waits a
 whole period. When two workers finish closer together than half the even spacing
 (period / n), each worker is told to idle just long enough to take its place on
 an even grid; from then on they progress at the same rate and completions
-interleave. Idling costs nothing when workers outnumber cores (the others get the
-core) and a fraction of one batch otherwise; it is checked every few rounds, so
-slow drift is corrected without steady cost.
+interleave. Idling is only asked for when the workers keep the CPUs busy (their
+CPU time per batch, summed, is most of the usable CPUs): then an idle worker's
+share goes to the others and costs nothing (a fraction of one batch, once, when
+there are no more workers than cores). Workers that mostly wait (remote reads)
+are left alone: idling them would cost throughput. It is checked every few
+rounds, so slow drift is corrected without steady cost.
 """
 
 from __future__ import annotations
 
 import statistics
 
+from ._cpus import usable_cpus
+
 _CHECK_EVERY_ROUNDS = 4
+_SATURATED = 0.75  # share of the usable CPUs the workers must keep busy before idling one is free
 
 
 class Scheduler:
-    """Per-worker load, cost and expected finish time for one pool of ``num_workers``."""
+    """Per-worker load, cost and expected finish time for one pool of ``num_workers``
+    sharing ``cpus`` CPUs (default: the CPUs this process may use)."""
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, cpus: float | None = None) -> None:
         self.load = {w: 0 for w in range(num_workers)}  # tasks submitted, not yet answered
         self._cost: dict[int, float] = {}  # worker -> recent seconds per batch
+        self._cpu_share: dict[int, float] = {}  # worker -> recent CPU seconds per second of batch
         self._free_at = {w: 0.0 for w in range(num_workers)}  # when its queue is expected to drain
         self._last_done: dict[int, float] = {}
+        self._cpus = usable_cpus().count if cpus is None else cpus
         self._answers = 0
         self._next_check = 2 * num_workers
 
@@ -50,8 +59,9 @@ class Scheduler:
         if cost is not None:
             self._free_at[worker_id] = max(self._free_at[worker_id], now) + cost
 
-    def answered(self, worker_id: int, started: float, done: float) -> dict[int, float]:
-        """Record an answer from ``worker_id`` stamped ``started``/``done`` by the worker.
+    def answered(self, worker_id: int, started: float, done: float, cpu: float = 0.0) -> dict[int, float]:
+        """Record an answer from ``worker_id`` stamped ``started``/``done`` by the worker,
+        which spent ``cpu`` seconds of CPU on it.
 
         Returns ``{worker_id: seconds}`` for workers that should idle that long
         before their next task (usually empty).
@@ -62,6 +72,9 @@ class Scheduler:
         took = done - started
         old = self._cost.get(worker_id)
         cost = self._cost[worker_id] = took if old is None else 0.75 * old + 0.25 * took
+        share = min(1.0, cpu / took) if took > 0 else 0.0
+        old = self._cpu_share.get(worker_id)
+        self._cpu_share[worker_id] = share if old is None else 0.75 * old + 0.25 * share
         self._free_at[worker_id] = done + self.load[worker_id] * cost
         self._last_done[worker_id] = done
         self._answers += 1
@@ -78,6 +91,8 @@ class Scheduler:
         period = statistics.median(self._cost.values())
         if period <= 0.0 or any(now - t > 1.5 * period for t in self._last_done.values()):
             return {}  # someone was idle (the loop is the bottleneck): phases do not matter
+        if sum(self._cpu_share.values()) < _SATURATED * self._cpus:
+            return {}  # the workers mostly wait: idling one would cost throughput
         first = min(self._last_done.values())
         phase = {w: (t - first) % period for w, t in self._last_done.items()}
         order = sorted(phase, key=phase.__getitem__)

@@ -53,13 +53,15 @@ class Result(NamedTuple):
     """A worker's answer. ``kind`` is "ok" (``payload`` is the batch), "stop" (an
     iterable dataset is exhausted in this worker) or "error" (``payload`` is a
     :class:`torch._utils.ExceptionWrapper`). ``started``/``done`` are the worker's
-    ``time.monotonic()`` around making it (one clock for every process on a machine)."""
+    ``time.monotonic()`` around making it (one clock for every process on a machine),
+    ``cpu`` the CPU time the worker's thread spent on it."""
 
     kind: str
     task_id: int
     payload: Any
     started: float = 0.0
     done: float = 0.0
+    cpu: float = 0.0
 
 
 class BatchMaker:
@@ -81,9 +83,9 @@ class BatchMaker:
             setattr(self.dataset, name, value)
 
     def make(self, task: Task) -> Result:
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.thread_time()
         kind, payload = self._make(task)
-        return Result(kind, task.task_id, payload, started, time.monotonic())
+        return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu)
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
