@@ -279,7 +279,7 @@ def test_dev_shm_compared_with_a_measured_batch():
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize
     [f] = check_dev_shm(2, 2, batch.nbytes)
-    assert f.severity == "ok" and "/dev/shm has" in f.found and "x 0.4 MB per batch" in f.found
+    assert f.severity == "ok" and "/dev/shm has" in f.found and "x 384 KB per batch" in f.found
     assert "((2 workers x prefetch_factor 2 + 1 in the training loop)" in f.found
     [f] = check_dev_shm(2, 2, free // 2 + 1)  # 5 batches of half the free space
     assert f.severity == "problem" and "No space left on device" in f.found
@@ -399,5 +399,5 @@ def test_cli_end_to_end(tmp_path):
     by_check = {f["check"]: f for f in payload["findings"]}
     assert "50,000" in by_check["copy_on_read"]["found"]
     # one batch of 16: 16 x 3x32x32 float32 + 16 int64 labels
-    assert f"x {(16 * 3 * 32 * 32 * 4 + 16 * 8) / MB:.1f} MB per batch" in by_check["dev_shm"]["found"]
+    assert f"x {(16 * 3 * 32 * 32 * 4 + 16 * 8) / 1024:,.0f} KB per batch" in by_check["dev_shm"]["found"]
     assert all(set(f) == {"severity", "check", "found", "fix"} for f in payload["findings"])

@@ -289,14 +289,15 @@ def test_nostall_loader_when_available():
 
 
 @pytest.mark.timeout(120)
-def test_demo_command_end_to_end(tmp_path, capsys):
+def test_demo_command_end_to_end(tmp_path):
     out = tmp_path / "demo.json"
-    rc = _cli.main(["demo", "--frames", "8", "--batch-size", "4", "--epochs", "2", "--workers", "0",
-                    "--loaders", "torch", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "pause between epochs (s)" in printed
-    assert "| torch " in printed
+    run = subprocess.run([sys.executable, "-m", "nostall", "demo", "--frames", "8", "--batch-size", "4",
+                          "--epochs", "2", "--workers", "0", "--loaders", "torch",
+                          "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr
+    assert "pause between epochs (s)" in run.stdout
+    assert "| torch " in run.stdout
     payload = json.loads(out.read_text())
     assert payload["command"].startswith("nostall demo --frames 8")
     assert len(payload["results"]) == 1 and not payload["failures"]

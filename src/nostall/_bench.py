@@ -85,22 +85,21 @@ def verdicts(items: Sequence[Item]) -> list[str]:
     return out
 
 
+def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunSpec fields that :func:`add_dataset_arguments` (and ``--step-ms``) set."""
+    fields: dict[str, Any] = dict(workload=args.dataset or args.workload, batch_size=args.batch_size,
+                                  step_ms=args.step_ms, cache_dir=args.cache_dir, collate=args.collate)
+    if args.size is not None:
+        fields["size"] = args.size
+    elif not args.dataset:
+        fields["size"] = 1280 if args.workload == "spotgeo" else WORKLOADS[args.workload].default_size
+    return fields
+
+
 def sweep_specs(args: argparse.Namespace) -> list[RunSpec]:
     """The configurations of a sweep: for each num_workers and start method, torch
     transient and/or persistent (``--persistent``), then nostall."""
-    common: dict[str, Any] = dict(
-        workload=args.dataset or args.workload,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        step_ms=args.step_ms,
-        cache_dir=args.cache_dir,
-        collate=args.collate,
-        batches_per_epoch=args.batches,
-    )
-    if args.size is not None:
-        common["size"] = args.size
-    elif not args.dataset:
-        common["size"] = 1280 if args.workload == "spotgeo" else WORKLOADS[args.workload].default_size
+    common = dict(dataset_fields(args), epochs=args.epochs, batches_per_epoch=args.batches)
     persist = {"both": (False, True), "on": (True,), "off": (False,)}[args.persistent]
     specs: list[RunSpec] = []
     for nw in args.workers:

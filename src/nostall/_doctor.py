@@ -71,6 +71,8 @@ class Finding:
 
 
 def _mb(nbytes: float) -> str:
+    if nbytes < _MB:
+        return f"{nbytes / 1024:,.0f} KB"
     return f"{nbytes / _MB:,.1f} MB" if nbytes < 10 * _MB else f"{nbytes / _MB:,.0f} MB"
 
 

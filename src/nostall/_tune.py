@@ -162,19 +162,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``nostall tune``."""
+    from ._bench import dataset_fields
     from ._loader_config import LoaderConfig
 
     if args.seconds <= 0 or args.step_ms < 0:
         raise SystemExit("nostall tune: --seconds must be > 0 and --step-ms >= 0.")
     started = time.perf_counter()
-    base = dict(workload=args.dataset or args.workload, batch_size=args.batch_size, step_ms=args.step_ms,
-                cache_dir=args.cache_dir, collate=args.collate)
-    if args.size is not None:
-        base["size"] = args.size
-    elif not args.dataset:
-        from ._workloads import WORKLOADS
-
-        base["size"] = 1280 if args.workload == "spotgeo" else WORKLOADS[args.workload].default_size
+    base = dataset_fields(args)
 
     def make_spec(loader: str, nw: int) -> RunSpec:
         extra = dict(start_method=args.start_method, persistent=True) if nw and loader == "torch" else {}

@@ -308,12 +308,8 @@ class SpotGeoFrames(Dataset):
         return f"SpotGeoFrames(root={self.root!r}, n_frames={self.n_frames}, crop={self.crop})"
 
 
-class TinySamples(Dataset):
-    """``n`` tiny samples, about 10 microseconds each.
-
-    ``dataset[i]`` is ``(float32 tensor of 16 values, i % 10)``; the tensor is a
-    function of ``i`` only. Measures a loader's own per-sample overhead.
-    """
+class _Numbered(Dataset):
+    """``n`` samples numbered 0..n-1; subclasses make sample ``i`` in ``_make``."""
 
     def __init__(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -328,6 +324,20 @@ class TinySamples(Dataset):
             index += self.n
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} samples")
+        return self._make(index)
+
+    def _make(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+
+class TinySamples(_Numbered):
+    """``n`` tiny samples, about 10 microseconds each.
+
+    ``dataset[i]`` is ``(float32 tensor of 16 values, i % 10)``; the tensor is a
+    function of ``i`` only. Measures a loader's own per-sample overhead.
+    """
+
+    def _make(self, index: int) -> tuple[torch.Tensor, int]:
         # Five small tensor ops: about 10 us on these machines.
         x = torch.arange(16, dtype=torch.float32).add_(index).mul_(1.0 / 16.0).sin_()
         x.div_(x.norm().add_(1.0))
@@ -337,7 +347,7 @@ class TinySamples(Dataset):
         return f"TinySamples(n={self.n})"
 
 
-class RemoteReads(Dataset):
+class RemoteReads(_Numbered):
     """``n`` samples that each wait ``delay_s`` (10 ms by default), as a read from
     object storage or a network file system would, then return a small tensor.
 
@@ -347,21 +357,12 @@ class RemoteReads(Dataset):
     """
 
     def __init__(self, n: int, delay_s: float = 0.010) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`n` must be a positive int; got {n!r}.")
+        super().__init__(n)
         if not delay_s >= 0:
             raise ValueError(f"`delay_s` must be >= 0 seconds; got {delay_s!r}.")
-        self.n = n
         self.delay_s = delay_s
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} samples")
+    def _make(self, index: int) -> tuple[torch.Tensor, int]:
         time.sleep(self.delay_s)
         return torch.full((64,), float(index)), index % 10
 
