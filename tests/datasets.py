@@ -290,3 +290,60 @@ class Sleepy(Indexed):
     def __getitem__(self, i):
         time.sleep(self.delay)
         return super().__getitem__(i)
+
+
+class HangsOnce(Indexed):
+    """Sample ``bad`` spins forever the first time (until the process is killed), while
+    ``flag`` does not exist; it creates ``flag`` first, so a retry returns normally."""
+
+    def __init__(self, n: int, bad: int, flag: str):
+        super().__init__(n)
+        self.bad = bad
+        self.flag = flag
+
+    def __getitem__(self, i):
+        if i == self.bad and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            spin_forever()
+        return super().__getitem__(i)
+
+
+def spin_forever():
+    """A hung sample: a pure-Python loop that holds the GIL (as a bad regex or a livelock would)."""
+    x = 0
+    while True:
+        x += 1
+
+
+class SlowSample(Indexed):
+    """Sample ``bad`` takes ``seconds`` (a thread worker cannot be stopped; this one ends)."""
+
+    def __init__(self, n: int, bad: int, seconds: float):
+        super().__init__(n)
+        self.bad = bad
+        self.seconds = seconds
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            time.sleep(self.seconds)
+        return super().__getitem__(i)
+
+
+class Raises(Indexed):
+    """``ds[i]`` raises ``ValueError`` for every index in ``bad``."""
+
+    def __init__(self, n: int, bad):
+        super().__init__(n)
+        self.bad = set(bad)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise ValueError(f"sample {i} is corrupt")
+        return super().__getitem__(i)
+
+
+class RaisesGetitems(Raises):
+    """The same with a batched ``__getitems__`` (which fails as a whole)."""
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]

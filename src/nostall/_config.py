@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 WORKER_TYPES = ("process", "thread")
 START_METHODS = ("fork", "spawn", "forkserver")
+ON_HANG = ("restart", "raise")
+ON_SAMPLE_ERROR = ("raise", "skip")
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,14 @@ class PoolConfig:
     made, or made and waiting to be delivered in order. It is
     ``num_workers * prefetch_factor``, the same bound torch documents, and it also
     covers batches prepared ahead for the next epoch.
+
+    Supervision: a worker process that dies is replaced and its batches made again,
+    up to ``max_restarts`` times over the loader's life. A batch that takes longer
+    than ``hang_timeout`` seconds (None: 20 times the median batch, at least 30 s)
+    is reported with the worker's stack; then the worker is restarted or the
+    loader raises (``on_hang``). A sample whose ``__getitem__`` raises is raised in
+    the loop (``on_sample_error="raise"``) or left out of its batch ("skip"),
+    until more than ``max_skipped_fraction`` of an epoch's samples were left out.
     """
 
     num_workers: int
@@ -26,6 +36,11 @@ class PoolConfig:
     timeout: float
     in_order: bool
     pin_memory: bool
+    max_restarts: int = 3
+    hang_timeout: float | None = None
+    on_hang: str = "restart"
+    on_sample_error: str = "raise"
+    max_skipped_fraction: float = 0.01
 
     def __post_init__(self):
         if self.worker_type not in WORKER_TYPES:
@@ -43,7 +58,27 @@ class PoolConfig:
             raise ValueError(f"`num_workers` must be >= 0; got {self.num_workers}.")
         if self.prefetch_factor < 0:
             raise ValueError(f"`prefetch_factor` must be >= 0; got {self.prefetch_factor}.")
-
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"`max_worker_restarts` must be an int >= 0; got {self.max_restarts!r}.")
+        if self.hang_timeout is not None and not (
+            isinstance(self.hang_timeout, (int, float)) and not isinstance(self.hang_timeout, bool)
+            and self.hang_timeout > 0
+        ):
+            raise ValueError(
+                f"`hang_timeout` must be None (automatic) or a number of seconds > 0; got {self.hang_timeout!r}."
+            )
+        if self.on_hang not in ON_HANG:
+            raise ValueError(f"`on_hang` must be one of {', '.join(map(repr, ON_HANG))}; got {self.on_hang!r}.")
+        if self.on_sample_error not in ON_SAMPLE_ERROR:
+            raise ValueError(
+                f"`on_sample_error` must be one of {', '.join(map(repr, ON_SAMPLE_ERROR))}; "
+                f"got {self.on_sample_error!r}."
+            )
+        if not (isinstance(self.max_skipped_fraction, (int, float)) and not isinstance(self.max_skipped_fraction, bool)
+                and 0.0 <= self.max_skipped_fraction <= 1.0):
+            raise ValueError(
+                f"`max_skipped_fraction` must be a number from 0 to 1; got {self.max_skipped_fraction!r}."
+            )
     @property
     def window(self) -> int:
         """Most batches in flight (at least 1, so prefetch_factor=0 still makes progress)."""

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from ._cpus import UsableCpus, usable_cpus
 from ._measure import START_METHODS
-from ._script import ScriptScan, import_time_nodes, is_loader_call, parse_script, resolve_start_method
+from ._script import is_loader_call, parse_script, resolve_start_method, unguarded_uses
 
 __all__ = [
     "Finding",
@@ -158,20 +158,7 @@ def check_main_guard(script: str | Path, start_method: str, method_source: str =
     """A script that would start workers while spawned workers re-import it."""
     path = Path(script)
     tree = parse_script(path)
-    scan = ScriptScan(tree)
-    nodes = list(import_time_nodes(tree))
-    # (line, what): sorted by line so the message reads like the script.
-    starts = [(line, f"line {line} iterates a DataLoader") for line in scan.iterations(nodes)]
-    creates = [(n.lineno, f"line {n.lineno} creates a DataLoader") for n in nodes if is_loader_call(n)]
-    for n in nodes:
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name):
-            name = n.func.id
-            if name in scan.iterating:
-                starts.append((n.lineno, (f"line {n.lineno} calls {name}(), which iterates a DataLoader "
-                                          f"(line {scan.iterating[name]})")))
-            elif name in scan.creating:
-                creates.append((n.lineno, (f"line {n.lineno} calls {name}(), which creates a DataLoader "
-                                           f"(line {scan.creating[name]})")))
+    starts, creates = unguarded_uses(tree)
     listed = "; ".join(text for _, text in sorted(starts + creates))
     method = f"start method {start_method}" + (f" ({method_source})" if method_source else "")
     guard = 'if __name__ == "__main__":'

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from . import _seeding
+from . import _diagnose, _seeding
 from ._config import PoolConfig
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
 from ._schedule import Scheduler
 from ._stats import WorkerLog
+from ._supervise import Supervisor
 from ._worker import BatchMaker, Pause, Result, Task, WorkSpec
 
 
@@ -37,6 +39,7 @@ class _InFlight:
     batch_no: int
     worker_id: int
     indices: object
+    submitted: float = 0.0
     wanted: bool = True
 
 
@@ -63,6 +66,8 @@ class Engine:
         self._rr = None  # iterable datasets: round-robin over active workers
         self._active: set = set()
         self._skipped: set = set()
+        self._last_done: dict[int, float] = {}  # worker -> when it last finished a batch
+        self.supervisor = Supervisor(config)
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -81,6 +86,9 @@ class Engine:
         self._current = plan
         self._deliver_no = 0
         self._skipped = set()
+        self._epoch_samples = self.planner.epoch_samples()
+        if self.worker_log is None:
+            self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor)
         if self.config.num_workers == 0:
             if self._inline is None:
                 self._inline = BatchMaker(self.spec, self.planner.base_seed, None, seed_globals=True)
@@ -98,10 +106,10 @@ class Engine:
         else:
             self.pool = ProcessPool(self._ctx, self.spec, n, seed)
         self._sched = Scheduler(n)
-        if self.worker_log is None:
-            self.worker_log = WorkerLog(n, self.config.window)
-        start_state = object_state(self.spec.dataset)
-        self._worker_dstate = {w: start_state for w in range(n)}
+        self._last_done = {}
+        self.supervisor.pool_started()
+        self._start_dstate = object_state(self.spec.dataset)
+        self._worker_dstate = {w: self._start_dstate for w in range(n)}
 
     # -- the hot path -------------------------------------------------------------
     def next_batch(self, plan: EpochPlan):
@@ -124,16 +132,29 @@ class Engine:
                 if not self.config.persistent:
                     self._close_pool()
                 raise StopIteration
-            timeout = self.config.timeout or None
-            arrived = self.pool.poll(timeout)
-            if not arrived and timeout is not None and not self.pool.poll_progressed:
-                raise RuntimeError(
-                    f"DataLoader timed out after {self.config.timeout} seconds: no batch arrived "
-                    f"from {self.config.num_workers} workers (`timeout` argument). A worker may be "
-                    "stuck in the dataset's __getitem__; raise `timeout` or find the slow sample."
-                )
+            arrived = self._poll(plan)
             for worker_id, result in arrived:
                 self._receive(worker_id, result)
+            self._check_hangs()
+
+    def _poll(self, plan: EpochPlan) -> list:
+        """Wait for results, waking at least once a second to look for hung batches;
+        raise torch's timeout error when ``timeout`` seconds pass with nothing new."""
+        timeout = self.config.timeout or None
+        if plan.waiting_since is None:
+            plan.waiting_since = time.monotonic()
+        wait = 1.0 if timeout is None else min(1.0, max(0.0, plan.waiting_since + timeout - time.monotonic()))
+        arrived = self.pool.poll(wait)
+        now = time.monotonic()
+        if arrived or self.pool.poll_progressed:
+            plan.waiting_since = now
+        elif timeout is not None and now - plan.waiting_since >= timeout:
+            raise RuntimeError(
+                f"DataLoader timed out after {self.config.timeout} seconds: no batch arrived "
+                f"from {self.config.num_workers} workers (`timeout` argument). A worker may be "
+                "stuck in the dataset's __getitem__; raise `timeout` or find the slow sample."
+            )
+        return arrived
 
     def _next_inline(self, plan: EpochPlan):
         while True:
@@ -146,9 +167,19 @@ class Engine:
             if result.kind == "stop":
                 plan.exhausted = True
                 raise StopIteration
+            if result.skipped:
+                self.supervisor.record_skipped(plan, batch_no, result.skipped, self._epoch_samples)
+            if result.kind == "empty":
+                continue
             return self._deliver(result)
 
     def _take_ready(self, plan: EpochPlan):
+        while True:
+            result = self._take_next_ready(plan)
+            if result is None or result.kind != "empty":
+                return result  # an "empty" batch (every sample skipped) is passed over
+
+    def _take_next_ready(self, plan: EpochPlan):
         if not self.config.in_order:
             for i, key in enumerate(self._arrivals):
                 if key[0] == plan.serial:
@@ -215,8 +246,9 @@ class Engine:
         if self.pool.passes_attrs:
             self._sync_dataset(worker_id, plan)
         task_id = next(self._task_ids)
-        self._inflight[task_id] = _InFlight(plan, batch_no, worker_id, indices)
-        self._sched.submitted(worker_id, time.monotonic())
+        now = time.monotonic()
+        self._inflight[task_id] = _InFlight(plan, batch_no, worker_id, indices, now)
+        self._sched.submitted(worker_id, now)
         self.pool.submit(worker_id, Task(task_id, plan.number, batch_no, indices))
 
     def _sync_dataset(self, worker_id: int, plan: EpochPlan) -> None:
@@ -237,12 +269,14 @@ class Engine:
 
     def _receive(self, worker_id: int, result: Result) -> None:
         if result.kind == "died":
-            self._worker_died(worker_id, result.payload)
+            self._replace(worker_id, result.payload)
+            return
         if result.task_id == -1:  # failed while starting: nothing can run
             self.close()
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
         if result.done:
+            self._last_done[worker_id] = result.done
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
         for worker, seconds in self._sched.answered(worker_id, result.started, result.done, result.cpu).items():
             self.pool.submit(worker, Pause(seconds))
@@ -252,19 +286,79 @@ class Engine:
             self._active.discard(worker_id)
             self._skipped.add(task.batch_no)
             return
+        if result.skipped:
+            samples = self._epoch_samples if task.plan is self._current else self.planner.epoch_samples()
+            self.supervisor.record_skipped(task.plan, task.batch_no, result.skipped, samples)
         key = (task.plan.serial, task.batch_no)
         self._ready[key] = result
         if not self.config.in_order:
             self._arrivals.append(key)
 
-    def _worker_died(self, worker_id: int, exit: WorkerExit) -> None:
-        held = [t.indices for t in self._inflight.values() if t.worker_id == worker_id and t.wanted]
-        self.close()
-        detail = f" It held the batches with sample indices {held}." if held and not self.planner.iterable else ""
-        raise RuntimeError(
-            f"{exit.describe()}.{detail} The loader was closed; fix the cause (memory limit, "
-            "a crash in a C extension, os._exit in dataset code) and iterate again on a new loader."
+    # -- supervision ---------------------------------------------------------------
+    def _replace(self, worker_id: int, exit: WorkerExit) -> None:
+        """A worker process is gone: start another in its place and send its batches
+        again (per-batch seeding makes them identical), or give up and raise."""
+        held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
+        cause = self.supervisor.death_cause(worker_id, exit)
+        _diagnose.forget_stack_file(exit.pid)
+        if not self.supervisor.may_restart(cause) or self.planner.iterable:
+            self.close()
+            raise RuntimeError(self.supervisor.gave_up(
+                cause, [t.indices for _, t in held if t.wanted], self.planner.iterable))
+        self.pool.restart(worker_id)
+        self._sched.reset(worker_id)
+        self._last_done.pop(worker_id, None)
+        self._worker_dstate[worker_id] = self._start_dstate
+        again = 0
+        for tid, task in held:
+            del self._inflight[tid]
+            if task.wanted:
+                self._submit(self._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
+                again += 1
+        warnings.warn(
+            f"{cause}. nostall started a new worker in its place (restart {len(self.supervisor.restarts)} of "
+            f"at most {self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the "
+            "epoch goes on with the same batches.",
+            RuntimeWarning,
+            stacklevel=2,
         )
+
+    def _check_hangs(self) -> None:
+        """Report a batch that has run far longer than its peers, with its worker's
+        stack; then restart that worker or raise (``on_hang``)."""
+        if not self._inflight:
+            return
+        now = time.monotonic()
+        threshold, how = self.supervisor.hang_threshold(list(self._sched.costs()))
+        oldest: dict[int, tuple] = {}
+        for tid, task in self._inflight.items():
+            if task.wanted and (task.worker_id not in oldest or tid < oldest[task.worker_id][0]):
+                oldest[task.worker_id] = (tid, task)
+        for worker_id, (tid, task) in oldest.items():
+            started = max(task.submitted, self._last_done.get(worker_id, 0.0))
+            if now - started <= threshold or tid in self.supervisor.reported:
+                continue
+            self.supervisor.reported.add(tid)
+            self._hung(worker_id, task, now - started, how)
+
+    def _hung(self, worker_id: int, task: _InFlight, elapsed: float, how: str) -> None:
+        pid = self.pool.pids.get(worker_id)
+        who = f"nostall worker {worker_id}" + (f" (pid {pid})" if pid else " (a thread)")
+        what = f"batch {task.batch_no} of epoch {task.plan.number}"
+        if not self.planner.iterable:
+            what += f", sample indices {task.indices}"
+        message = self.supervisor.hang_message(who, what, elapsed, how, self.pool.stack(worker_id))
+        if self.config.on_hang == "raise" or not self.pool.can_restart:
+            self.close()
+            fix = ("Find why that sample never finishes (the stack above shows where it is); "
+                   "raise hang_timeout if such batches are legitimately slow")
+            if self.config.on_hang == "restart":
+                fix += "; thread workers cannot be stopped, use worker_type='process' to restart them"
+            raise RuntimeError(f"{message}\nThe loader was closed. {fix}.")
+        warnings.warn(f"{message}\nnostall stops that worker and makes its batches again in a new one "
+                      "(on_hang='restart').", RuntimeWarning, stacklevel=3)
+        self.supervisor.hung[worker_id] = f"{who} hung on {what} for {elapsed:.1f} s and was stopped"
+        self.pool.kill(worker_id)
 
     # -- lifecycle ------------------------------------------------------------
     def worker_pids(self) -> list:

@@ -65,6 +65,14 @@ class DataLoader(tud.DataLoader):
     ``loader.stats`` tells where the time goes (waiting for data versus the loop's
     own work, pauses, throughput, workers' busy fractions, peak memory); it costs
     about a microsecond per batch, and ``stats=False`` turns it off.
+
+    Supervision (process workers): a worker that dies is replaced and its batches
+    made again, identical, up to ``max_worker_restarts`` times; a batch slower than
+    ``hang_timeout`` seconds (default: 20 times the median batch, at least 30 s) is
+    reported with the worker's Python stack, then the worker is restarted or the
+    loader raises (``on_hang="restart"|"raise"``). ``on_sample_error="skip"`` leaves
+    failing samples out of their batch (listed in ``loader.stats.skipped``) until
+    more than ``max_skipped_fraction`` of an epoch's samples failed.
     """
 
     def __init__(
@@ -89,6 +97,11 @@ class DataLoader(tud.DataLoader):
         in_order=True,
         worker_type="process",
         stats=True,
+        max_worker_restarts=3,
+        hang_timeout=None,
+        on_hang="restart",
+        on_sample_error="raise",
+        max_skipped_fraction=0.01,
     ):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int):
             raise TypeError(f"`num_workers` must be an int >= 0; got {num_workers!r}.")
@@ -119,6 +132,11 @@ class DataLoader(tud.DataLoader):
             timeout=float(timeout),
             in_order=bool(in_order),
             pin_memory=bool(pin_memory),
+            max_restarts=max_worker_restarts,
+            hang_timeout=hang_timeout,
+            on_hang=on_hang,
+            on_sample_error=on_sample_error,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self._ctx = ctx
         # torch builds a RandomSampler itself for shuffle=True; nostall may give that
@@ -162,6 +180,7 @@ class DataLoader(tud.DataLoader):
             collate_fn=self.collate_fn,
             drop_last=self.drop_last,
             worker_init_fn=self.worker_init_fn,
+            skip_errors=cfg.on_sample_error == "skip",
         )
         engine = Engine(cfg, planner, spec, self._ctx, pin_device)
         if self._recorder is not None:

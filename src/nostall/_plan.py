@@ -100,6 +100,7 @@ class EpochPlan:
     next_batch_no: int = 0
     exhausted: bool = False
     serial: int = field(default_factory=itertools.count().__next__)  # unique per plan
+    waiting_since: float | None = None  # when the loop last saw progress (torch's `timeout`)
 
 
 class Planner:
@@ -193,6 +194,19 @@ class Planner:
         if self.iterable:
             return itertools.repeat(self._loader.batch_size)
         return iter(index_sampler)
+
+    def epoch_samples(self) -> int | None:
+        """Samples an epoch holds (map-style datasets with a sized sampler), else None."""
+        if self.iterable:
+            return None
+        loader = self._loader
+        try:
+            if loader.batch_sampler is not None:
+                batches = len(loader.batch_sampler)
+                return batches * loader.batch_size if loader.batch_size else len(loader.batch_sampler.sampler)
+            return len(loader.sampler)
+        except (TypeError, AttributeError):
+            return None
 
     def begin(self) -> EpochPlan:
         """Start the next epoch (called by ``iter(loader)``)."""

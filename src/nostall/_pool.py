@@ -8,13 +8,15 @@ a ``Result`` of kind "died" whose payload is a :class:`WorkerExit`.
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import connection, reduction
 
-from . import _pickling, _transport, _worker, _zygote
+from . import _diagnose, _pickling, _transport, _worker, _zygote
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,6 @@ class WorkerExit:
     exitcode: int | None
 
     def describe(self) -> str:
-        import signal
-
         if self.exitcode is None:
             how = "exited (exit status unknown)"
         elif self.exitcode < 0:
@@ -36,8 +36,6 @@ class WorkerExit:
             except ValueError:
                 name = f"signal {-self.exitcode}"
             how = f"was killed by {name}"
-            if self.exitcode == -9:
-                how += " (often the out-of-memory killer: check `dmesg` and the memory limit)"
         else:
             how = f"exited with code {self.exitcode}"
         return f"nostall worker {self.worker_id} (pid {self.pid}) {how}"
@@ -47,11 +45,21 @@ class ProcessPool:
     """Worker processes forked from one factory process started with ``ctx``."""
 
     passes_attrs = True  # workers hold their own copy of the dataset
+    can_restart = True
     poll_progressed = False
 
     def __init__(self, ctx, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
         self.num_workers = num_workers
         method = ctx.get_start_method()
+        if method != "fork" and _diagnose.in_spawned_bootstrap():
+            # We are a spawned process re-importing the user's script, which starts a
+            # loader at import time: stop here with one clear line, not pages of traceback.
+            raise SystemExit(
+                "nostall: this process was started with "
+                f"{method} and is importing the main script again, which builds and iterates a "
+                "DataLoader outside `if __name__ == \"__main__\":`. " + _diagnose.GUARD_FIX
+            )
+        self._method = method
         self._control, child = ctx.Pipe(duplex=True)
         kwargs = {"parent_end": self._control} if method == "fork" else {}
         self._factory = ctx.Process(
@@ -120,6 +128,13 @@ class ProcessPool:
             msg = self._control.recv()
         except (EOFError, OSError):
             self._factory.join(1.0)
+            unguarded = _diagnose.unguarded_main_lines() if self._method != "fork" else None
+            if unguarded and not self.pids:
+                raise RuntimeError(
+                    f"the nostall worker factory (pid {self._factory.pid}) could not start under "
+                    f"{self._method}: it imports the main script again, and {unguarded}, outside "
+                    "`if __name__ == \"__main__\":`. " + _diagnose.GUARD_FIX
+                ) from None
             raise RuntimeError(
                 f"the nostall worker factory (pid {self._factory.pid}) ended unexpectedly "
                 f"with exit code {self._factory.exitcode}; its workers are gone. This usually "
@@ -140,6 +155,25 @@ class ProcessPool:
             if not self._read_control(timeout=0.05) and not self._factory.is_alive():
                 break
         return self._exits.get(worker_id, WorkerExit(worker_id, self.pids.get(worker_id), None))
+
+    def restart(self, worker_id: int) -> None:
+        """Start a new worker under ``worker_id`` in place of one that is gone."""
+        self.pids.pop(worker_id, None)
+        self._start_worker(worker_id)
+
+    def kill(self, worker_id: int) -> None:
+        """Kill a (hung) worker; ``poll`` then reports it as died."""
+        pid = self.pids.get(worker_id)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stack(self, worker_id: int) -> str | None:
+        """The worker's Python stack, asked for with a signal (see ``_diagnose``)."""
+        pid = self.pids.get(worker_id)
+        return _diagnose.process_stack(pid) if pid is not None else None
 
     def _drop(self, worker_id: int) -> None:
         conn = self._conns.pop(worker_id)
@@ -172,12 +206,15 @@ class ProcessPool:
             self._factory.join(1.0)
         self._control.close()
         self._factory.close()
+        for pid in self.pids.values():  # killed workers could not remove theirs
+            _diagnose.forget_stack_file(pid)
 
 
 class ThreadPool:
     """Worker threads in this process; they share the dataset object with it."""
 
     passes_attrs = False
+    can_restart = False  # a thread stuck in user code cannot be stopped
     poll_progressed = False
 
     def __init__(self, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
@@ -216,6 +253,10 @@ class ThreadPool:
 
     def wait_started(self, timeout: float = 30.0) -> dict:
         return {}
+
+    def stack(self, worker_id: int) -> str | None:
+        """The worker thread's Python stack."""
+        return _diagnose.thread_stack(self._threads[worker_id])
 
     def close(self) -> None:
         """Ask every thread to stop; a thread stuck in user code is left as a daemon."""

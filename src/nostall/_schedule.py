@@ -52,6 +52,16 @@ class Scheduler:
             return min(self.load, key=self.load.__getitem__)
         return min(self._cost, key=lambda w: max(self._free_at[w], now) + self._cost[w])
 
+    def reset(self, worker_id: int) -> None:
+        """A new worker took this id: nothing queued, phase unknown (its cost is kept)."""
+        self.load[worker_id] = 0
+        self._free_at[worker_id] = 0.0
+        self._last_done.pop(worker_id, None)
+
+    def costs(self):
+        """Each worker's recent seconds per batch (for the hang threshold)."""
+        return self._cost.values()
+
     def submitted(self, worker_id: int, now: float) -> None:
         """Record a task sent to ``worker_id``."""
         self.load[worker_id] += 1

@@ -156,3 +156,24 @@ def resolve_start_method(start_method: str | None, script: str | Path | None) ->
     return multiprocessing.get_all_start_methods()[0], f"Python {version}'s default on {sys.platform}"
 
 
+
+
+def unguarded_uses(script: str | Path | ast.Module) -> tuple[list, list]:
+    """``(starts, creates)``: ``(line, what)`` pairs for each place that iterates or
+    creates a DataLoader when the script is imported (outside the ``__main__`` guard),
+    directly or through a function the script calls at import time."""
+    tree = script if isinstance(script, ast.Module) else parse_script(script)
+    scan = ScriptScan(tree)
+    nodes = list(import_time_nodes(tree))
+    starts = [(line, f"line {line} iterates a DataLoader") for line in scan.iterations(nodes)]
+    creates = [(n.lineno, f"line {n.lineno} creates a DataLoader") for n in nodes if is_loader_call(n)]
+    for n in nodes:
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name):
+            name = n.func.id
+            if name in scan.iterating:
+                starts.append((n.lineno, (f"line {n.lineno} calls {name}(), which iterates a DataLoader "
+                                          f"(line {scan.iterating[name]})")))
+            elif name in scan.creating:
+                creates.append((n.lineno, (f"line {n.lineno} calls {name}(), which creates a DataLoader "
+                                           f"(line {scan.creating[name]})")))
+    return starts, creates

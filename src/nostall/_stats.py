@@ -83,8 +83,9 @@ class WorkerLog:
     """What the workers did, fed by the loader's engine: busy time per worker,
     batches in flight at each delivery, and each batch's span for the trace."""
 
-    def __init__(self, num_workers: int, window: int) -> None:
+    def __init__(self, num_workers: int, window: int, supervisor=None) -> None:
         self.started = _clock()
+        self.supervisor = supervisor  # restarts and skipped samples (``_supervise.Supervisor``)
         self.window = window
         self.busy_s = [0.0] * num_workers
         self.batches = [0] * num_workers
@@ -320,7 +321,7 @@ class LoaderStats:
     def worker_busy(self) -> list[float] | None:
         """Each worker's busy fraction since the pool started (None: unknown)."""
         workers = self._rec.workers()
-        if workers is None:
+        if workers is None or not workers.busy_s:
             return None
         elapsed = max(_clock() - workers.started, 1e-9)
         return [min(1.0, busy / elapsed) for busy in workers.busy_s]
@@ -333,6 +334,20 @@ class LoaderStats:
             return None
         return {"mean": workers.in_flight_sum / workers.deliveries, "max": workers.in_flight_max,
                 "window": workers.window}
+
+    @property
+    def restarts(self) -> list[str]:
+        """What happened to each worker nostall replaced (crashed, killed, hung)."""
+        workers = self._rec.workers()
+        return list(workers.supervisor.restarts) if workers is not None and workers.supervisor else []
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Samples left out under ``on_sample_error="skip"``: epoch, batch, index, error."""
+        workers = self._rec.workers()
+        if workers is None or workers.supervisor is None:
+            return []
+        return [dict(epoch=e, batch=b, index=i, error=err) for e, b, i, err in workers.supervisor.skipped]
 
     # -- memory ----------------------------------------------------------------
     @property
@@ -371,6 +386,8 @@ class LoaderStats:
             "num_workers": self.num_workers,
             "worker_busy": self.worker_busy,
             "in_flight": self.in_flight,
+            "restarts": self.restarts,
+            "skipped": self.skipped,
             "peak_memory_mb": self.peak_memory_mb,
             "memory_metric": self.memory_metric,
             "epochs": [dict(asdict(e), waiting_fraction=e.waiting_fraction, samples_per_s=e.samples_per_s)
@@ -399,6 +416,11 @@ class LoaderStats:
         if flight is not None:
             lines.append(f"batches in flight: mean {flight['mean']:.1f}, max {flight['max']} "
                          f"(window {flight['window']})")
+        if self.restarts:
+            lines.append(f"worker restarts: {len(self.restarts)}; last: {self.restarts[-1]}")
+        if self.skipped:
+            lines.append(f"samples skipped: {len(self.skipped)}; first: index {self.skipped[0]['index']} "
+                         f"({self.skipped[0]['error']})")
         if self.peak_memory_mb is not None:
             lines.append(f"peak memory ({self.memory_metric.upper()}, process tree): {self.peak_memory_mb:.0f} MB")
         return "\n".join(lines)

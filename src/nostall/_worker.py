@@ -11,6 +11,7 @@ import queue
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _seeding, _transport
+from . import _diagnose, _seeding, _transport
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class WorkSpec:
     collate_fn: Callable
     drop_last: bool
     worker_init_fn: Callable | None
+    skip_errors: bool = False  # leave failing samples out of their batch instead of raising
 
 
 class Task(NamedTuple):
@@ -54,7 +56,9 @@ class Result(NamedTuple):
     iterable dataset is exhausted in this worker) or "error" (``payload`` is a
     :class:`torch._utils.ExceptionWrapper`). ``started``/``done`` are the worker's
     ``time.monotonic()`` around making it (one clock for every process on a machine),
-    ``cpu`` the CPU time the worker's thread spent on it."""
+    ``cpu`` the CPU time the worker's thread spent on it. ``skipped`` lists the
+    ``(index, error)`` of samples left out (``skip_errors``); kind "empty" means
+    every sample of the batch was left out."""
 
     kind: str
     task_id: int
@@ -62,6 +66,7 @@ class Result(NamedTuple):
     started: float = 0.0
     done: float = 0.0
     cpu: float = 0.0
+    skipped: tuple = ()
 
 
 class BatchMaker:
@@ -76,6 +81,7 @@ class BatchMaker:
         self.rng = _seeding.WorkerRNG.create()
         self._fetcher = None
         self._fetcher_epoch = None
+        self._skipped: list = []
 
     def apply_attrs(self, attrs: dict) -> None:
         """Mirror attributes the main process reassigned on its dataset (e.g. by set_epoch)."""
@@ -84,8 +90,10 @@ class BatchMaker:
 
     def make(self, task: Task) -> Result:
         started, cpu = time.monotonic(), time.thread_time()
+        self._skipped = []
         kind, payload = self._make(task)
-        return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu)
+        return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu,
+                      tuple(self._skipped))
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
@@ -97,7 +105,8 @@ class BatchMaker:
             if self.spec.iterable:
                 data = self._fetch_iterable(task)
                 return ("stop", None) if data is None else ("ok", data)
-            return "ok", self._fetch_map(task.indices, current)
+            data = self._fetch_map(task.indices, current)
+            return ("empty", None) if data is _EMPTY else ("ok", data)
         except Exception:
             where = self._where(task, current[0])
             return "error", torch._utils.ExceptionWrapper(where=where)
@@ -106,6 +115,8 @@ class BatchMaker:
 
     def _fetch_map(self, indices, current: list):
         spec = self.spec
+        if spec.skip_errors:
+            return self._fetch_skipping(indices, current)
         if not spec.auto_collation:
             current[0] = indices
             return spec.collate_fn(self.dataset[indices])
@@ -117,6 +128,40 @@ class BatchMaker:
             for index in indices:
                 current[0] = index
                 data.append(self.dataset[index])
+        current[0] = indices
+        return spec.collate_fn(data)
+
+    def _fetch_skipping(self, indices, current: list):
+        """Like ``_fetch_map``, but a sample that raises is left out and recorded; the
+        batch keeps every other sample it was planned with (no replacement). Errors
+        in ``collate_fn`` are not the sample's: they still raise."""
+        spec = self.spec
+        if not spec.auto_collation:
+            current[0] = indices
+            try:
+                sample = self.dataset[indices]
+            except Exception as exc:
+                self._skipped.append((indices, _describe(exc)))
+                return _EMPTY
+            return spec.collate_fn(sample)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems:
+            try:
+                data = getitems(indices)
+            except Exception:
+                data = None  # find the failing samples one by one
+            if data is not None:
+                current[0] = indices
+                return spec.collate_fn(data)
+        data = []
+        for index in indices:
+            current[0] = index
+            try:
+                data.append(getitems([index])[0] if getitems else self.dataset[index])
+            except Exception as exc:
+                self._skipped.append((index, _describe(exc)))
+        if not data:
+            return _EMPTY
         current[0] = indices
         return spec.collate_fn(data)
 
@@ -139,6 +184,19 @@ class BatchMaker:
             label = "sample index" if not isinstance(index, list) else "sample indices"
             what += f", {label} {index}"
         return f"in nostall {who} while making {what}"
+
+
+_EMPTY = object()  # every sample of the batch was skipped
+
+
+def _describe(exc: BaseException) -> str:
+    """``"ValueError: bad pixel (dataset.py:12 in __getitem__)"``: the error and where it arose."""
+    where = ""
+    tb = traceback.extract_tb(exc.__traceback__)
+    if tb:
+        last = tb[-1]
+        where = f" ({os.path.basename(last.filename)}:{last.lineno} in {last.name})"
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _install_worker_info(worker_id: int, num_workers: int, seed: int, dataset, method: str):
@@ -202,6 +260,7 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
     worker never outlives its loader.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training loop's to handle
+    _diagnose.install_stack_dump()  # the loader asks for our stack when a batch hangs
     torch.set_num_threads(1)
     maker, failure = _start(spec, worker_id, num_workers, base_seed, "multiprocessing")
     if failure is not None:

@@ -1,0 +1,101 @@
+"""Supervision bookkeeping: worker restarts, hung batches, skipped samples.
+
+The engine does the mechanics (replace a worker, send its batches again); this
+module decides and words it: how many restarts are left, when a batch counts as
+hung, whether too many samples were skipped, and the messages that say what
+happened, where (worker, pid, sample indices) and what to do.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from . import _diagnose
+from ._config import PoolConfig
+
+AUTO_HANG_FLOOR_S = 30.0  # an automatic threshold never goes below this
+AUTO_HANG_FACTOR = 20.0  # ... and is this many median batches
+AUTO_HANG_UNKNOWN_S = 120.0  # before any batch finished (first batches may open files, warm caches)
+
+
+class SkippedTooMany(RuntimeError):
+    """More of an epoch's samples failed than ``max_skipped_fraction`` allows."""
+
+
+@dataclass
+class Supervisor:
+    """Counts and thresholds for one loader's workers."""
+
+    config: PoolConfig
+    restarts: list = field(default_factory=list)  # what happened, one line per restart
+    oom_baseline: int | None = None
+    hung: dict = field(default_factory=dict)  # worker id -> message, for workers nostall killed
+    reported: set = field(default_factory=set)  # task ids already reported as hung
+    skipped: list = field(default_factory=list)  # (epoch, batch, index, error)
+    _skip_counts: dict = field(default_factory=dict)  # plan serial -> samples skipped
+
+    def pool_started(self) -> None:
+        """Note the OOM killer's count now, to tell later whether it fired."""
+        self.oom_baseline = _diagnose.oom_kills()
+
+    # -- deaths ------------------------------------------------------------------
+    def death_cause(self, worker_id: int, exit) -> str:
+        """Why a worker is gone, in words: killed by nostall after hanging, or its exit status."""
+        if worker_id in self.hung:
+            return self.hung.pop(worker_id)
+        cause = exit.describe()
+        if exit.exitcode == -9:
+            cause += ". " + _diagnose.oom_evidence(self.oom_baseline)
+        return cause
+
+    def may_restart(self, cause: str) -> bool:
+        """Record a restart; False when the limit is reached (then the loader raises)."""
+        self.restarts.append(cause)
+        return len(self.restarts) <= self.config.max_restarts
+
+    def gave_up(self, cause: str, held: list, iterable: bool) -> str:
+        """The error when a worker cannot be replaced."""
+        if iterable:
+            why = ("An iterable dataset's stream cannot be resumed in a new worker, so the epoch "
+                   "cannot complete.")
+        else:
+            why = (f"That is {len(self.restarts)} worker failures, more than max_worker_restarts="
+                   f"{self.config.max_restarts}.")
+        detail = f" It held the batches with sample indices {held}." if held and not iterable else ""
+        return (f"{cause}.{detail} {why} The loader was closed; fix the cause (memory limit, a crash "
+                "in a C extension, os._exit or an endless loop in dataset code) or raise "
+                "max_worker_restarts, and iterate again on a new loader.")
+
+    # -- hangs -------------------------------------------------------------------
+    def hang_threshold(self, costs: list[float]) -> tuple[float, str]:
+        """Seconds after which a batch counts as hung, and how that was set."""
+        if self.config.hang_timeout is not None:
+            return float(self.config.hang_timeout), f"hang_timeout={self.config.hang_timeout:g}"
+        if not costs:
+            return AUTO_HANG_UNKNOWN_S, f"automatic: {AUTO_HANG_UNKNOWN_S:g} s until a batch has finished"
+        median = statistics.median(costs)
+        threshold = max(AUTO_HANG_FLOOR_S, AUTO_HANG_FACTOR * median)
+        return threshold, (f"automatic: {AUTO_HANG_FACTOR:g} x the median batch of {median:.3g} s, at "
+                           f"least {AUTO_HANG_FLOOR_S:g} s; set hang_timeout to change it")
+
+    def hang_message(self, worker: str, what: str, elapsed: float, threshold: str, stack: str | None) -> str:
+        """What a hung batch looks like, with the worker's stack."""
+        stack_text = f" Its Python stack:\n{stack}" if stack else " (Its stack could not be read.)"
+        return f"{worker} has been making {what} for {elapsed:.1f} s ({threshold}).{stack_text}"
+
+    # -- skipped samples -------------------------------------------------------------
+    def record_skipped(self, plan, batch_no: int, skipped: tuple, epoch_samples: int | None) -> None:
+        """Add a batch's skipped samples; raise :class:`SkippedTooMany` over the limit."""
+        for index, error in skipped:
+            self.skipped.append((plan.number, batch_no, index, error))
+        count = self._skip_counts[plan.serial] = self._skip_counts.get(plan.serial, 0) + len(skipped)
+        limit = self.config.max_skipped_fraction * (epoch_samples or 0)
+        if epoch_samples and count > limit:
+            first = [f"index {i}: {e}" for ep, _, i, e in self.skipped if ep == plan.number][:5]
+            raise SkippedTooMany(
+                f"epoch {plan.number}: {count} of its {epoch_samples} samples failed and were skipped, "
+                f"more than max_skipped_fraction={self.config.max_skipped_fraction:g} "
+                f"({limit:.0f} samples). First failures: " + "; ".join(first) + ". Fix those samples "
+                "(loader.stats.skipped lists every one) or raise max_skipped_fraction."
+            )
