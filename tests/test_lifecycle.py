@@ -323,6 +323,7 @@ def test_ctrl_c_mid_epoch(tmp_path, worker_type, target):
             raise AssertionError(f"still running 2 s after SIGINT; stderr:\n{err[-3000:]}") from None
         assert proc.returncode != 0
         assert "KeyboardInterrupt" in err or proc.returncode == -signal.SIGINT, err[-3000:]
+        assert "leaked semaphore" not in err and "resource_tracker" not in err, err[-3000:]
         left = wait_gone(pids, 3.0)
         assert not left, f"orphaned worker processes after Ctrl-C: {sorted(left)}"
     finally:

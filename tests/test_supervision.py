@@ -268,3 +268,90 @@ def test_unpicklable_dataset_names_the_attribute(tmp_path):
     assert run.returncode != 0
     assert "`dataset.transform['fn']`" in run.stderr
     assert "lambda" in run.stderr
+
+
+# --------------------------------------------------------------------------- system limits
+
+
+def _can_mount_private_shm() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+BIG_BATCHES = """
+    import warnings
+    import torch
+    import nostall
+
+    class Big(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return torch.full((256, 1024), float(i))  # 1 MB
+
+    if __name__ == "__main__":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with nostall.DataLoader(Big(), batch_size=4, num_workers=2) as loader:  # 4 MB batches
+                sums = [float(b[:, 0, 0].sum()) for _ in range(2) for b in loader]
+        print("OK", sums == [float(4 * i + 6 * 1) + 12 * i for i in range(16)] * 2)
+        for w in caught:
+            print("WARNING", w.message)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _can_mount_private_shm(), reason="needs `unshare -m` (root) to mount a small /dev/shm")
+@pytest.mark.parametrize("shm_mb", [3, 10])
+def test_small_dev_shm_falls_back_to_pipes(tmp_path, shm_mb):
+    """3 MB: the first 4 MB batch cannot be put in /dev/shm; 10 MB: the first batch fits but
+    6 in flight would not. Either way the epochs complete, through the pipes."""
+    script = tmp_path / "big.py"
+    script.write_text(textwrap.dedent(BIG_BATCHES))
+    env = dict(os.environ, PYTHONPATH=SRC_DIR)
+    run = subprocess.run(["unshare", "-m", "sh", "-c",
+                          f"mount -t tmpfs -o size={shm_mb}m tmpfs /dev/shm && exec {sys.executable} {script}"],
+                         capture_output=True, text=True, timeout=110, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "OK True" in run.stdout
+    assert "nostall now copies batches through its pipes instead of shared memory" in run.stdout
+    if shm_mb == 3:  # torch's allocator refuses (a write past the end would be a SIGBUS instead)
+        assert "could not put a batch in /dev/shm (unable to allocate shared memory" in run.stdout
+    else:
+        assert "batches in flight need about 24.0 MB (4.0 MB each)" in run.stdout
+
+
+OPEN_FILES = """
+    import resource
+    import nostall
+    from datasets import Indexed
+
+    if __name__ == "__main__":
+        with nostall.DataLoader(Indexed(64), batch_size=4, num_workers=4) as loader:
+            print("OK", sum(len(b) for b in loader), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hard", [40, 4096])
+def test_low_open_files_limit(tmp_path, hard):
+    import resource
+
+    script = tmp_path / "files.py"
+    script.write_text(textwrap.dedent(OPEN_FILES))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, TESTS_DIR]))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50, env=env,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard)))
+    if hard == 40:
+        assert run.returncode != 0
+        assert "the open-files limit is 40 (hard limit 40), and 4 workers with prefetch_factor=2 need about" \
+            in run.stderr
+        assert "ulimit -n" in run.stderr
+    else:  # raised within the hard limit, as `ulimit -n` would
+        assert run.returncode == 0, run.stderr[-3000:]
+        ok, samples, soft = run.stdout.split()
+        assert samples == "64" and int(soft) > 40

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ._cpus import UsableCpus, usable_cpus
+from ._limits import FDS_BASE, FDS_PER_WORKER, open_files_needed
 from ._measure import START_METHODS
 from ._script import is_loader_call, parse_script, resolve_start_method, unguarded_uses
 
@@ -413,16 +414,6 @@ def check_dev_shm(num_workers: int, prefetch_factor: int, batch_bytes: int | Non
                         "\"Unexpected bus error encountered in worker\".", fix)]
     return [Finding("warning", "dev_shm", found + " Over half of it: a second loader (validation) or "
                     "another job sharing it can run it out.", fix)]
-
-
-FDS_BASE = 100  # the training process's own files: libraries, dataset files, logs, sockets
-FDS_PER_WORKER = 4  # pipes and the process sentinel, per worker
-
-
-def open_files_needed(num_workers: int, prefetch_factor: int, tensors_per_batch: int) -> int:
-    """Estimate of the file descriptors the loader's process needs (see ``check_open_files``)."""
-    in_flight = num_workers * prefetch_factor + 1  # +1: the batch the training loop holds
-    return FDS_BASE + FDS_PER_WORKER * num_workers + in_flight * tensors_per_batch
 
 
 def check_open_files(num_workers: int, prefetch_factor: int, tensors_per_batch: int | None,

@@ -17,20 +17,21 @@ still count against the window until then, so the bound always holds.
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 import warnings
 from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from . import _diagnose, _seeding
+from . import _diagnose, _limits, _seeding, _transport
 from ._config import PoolConfig
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
 from ._schedule import Scheduler
 from ._stats import WorkerLog
 from ._supervise import Supervisor
-from ._worker import BatchMaker, Pause, Result, Task, WorkSpec
+from ._worker import BatchMaker, Pause, PipeOnly, Result, Task, WorkSpec
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Engine:
         self._skipped: set = set()
         self._last_done: dict[int, float] = {}  # worker -> when it last finished a batch
         self.supervisor = Supervisor(config)
+        self._shm_checked = False
+        self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -104,7 +107,11 @@ class Engine:
         if self.config.worker_type == "thread":
             self.pool = ThreadPool(self.spec, n, seed)
         else:
+            _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
             self.pool = ProcessPool(self._ctx, self.spec, n, seed)
+            if self._pipe_only:
+                for w in range(n):
+                    self.pool.submit(w, PipeOnly(self._pipe_only))
         self._sched = Scheduler(n)
         self._last_done = {}
         self.supervisor.pool_started()
@@ -289,23 +296,71 @@ class Engine:
         if result.skipped:
             samples = self._epoch_samples if task.plan is self._current else self.planner.epoch_samples()
             self.supervisor.record_skipped(task.plan, task.batch_no, result.skipped, samples)
+        if result.note.startswith("shm-full: "):
+            self._go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
+                               f"({result.note[len('shm-full: '):]}; {self._shm_text()})")
+        if not self._shm_checked and result.kind == "ok" and self.pool.passes_attrs:
+            self._check_shm(result.payload)
         key = (task.plan.serial, task.batch_no)
         self._ready[key] = result
         if not self.config.in_order:
             self._arrivals.append(key)
 
     # -- supervision ---------------------------------------------------------------
+    def _check_shm(self, batch) -> None:
+        """After the first batch: would the batches in flight fit in /dev/shm?"""
+        self._shm_checked = True
+        per_batch = _transport.shared_bytes(batch)
+        free = _limits.shm_free_bytes()
+        if not per_batch or free is None:
+            return
+        need = per_batch * (self.config.window + 2)  # in flight, plus the loop's and the next
+        if need > free:
+            self._go_pipe_only(f"/dev/shm has {free / 2**20:,.1f} MB free, and the {self.config.window} "
+                               f"batches in flight need about {need / 2**20:,.1f} MB "
+                               f"({per_batch / 2**20:,.1f} MB each)")
+
+    @staticmethod
+    def _shm_text() -> str:
+        free, size = _limits.shm_free_bytes() or 0, _limits.shm_size_bytes() or 0
+        return f"{free / 2**20:,.1f} MB free of {size / 2**20:,.0f} MB"
+
+    def _go_pipe_only(self, why: str) -> None:
+        """Send whole batches through the pipes from now on: slower for large batches,
+        but a full /dev/shm can no longer kill workers with SIGBUS."""
+        if self._pipe_only:
+            return
+        self._pipe_only = why
+        warnings.warn(
+            f"{why}. nostall now copies batches through its pipes instead of shared memory (slower "
+            "for large batches, no crash). To use shared memory again, give /dev/shm more room "
+            "(e.g. `docker run --shm-size=2g`) or lower batch_size or prefetch_factor.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        for w in list(self._sched.load):
+            self.pool.submit(w, PipeOnly(why))
+
     def _replace(self, worker_id: int, exit: WorkerExit) -> None:
         """A worker process is gone: start another in its place and send its batches
         again (per-batch seeding makes them identical), or give up and raise."""
         held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
         cause = self.supervisor.death_cause(worker_id, exit)
         _diagnose.forget_stack_file(exit.pid)
-        if not self.supervisor.may_restart(cause) or self.planner.iterable:
+        shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
+        if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
+            cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
+            self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
+                               f"({self._shm_text()})")
+        # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
+        excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
+        if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
                 cause, [t.indices for _, t in held if t.wanted], self.planner.iterable))
         self.pool.restart(worker_id)
+        if self._pipe_only:
+            self.pool.submit(worker_id, PipeOnly(self._pipe_only))
         self._sched.reset(worker_id)
         self._last_done.pop(worker_id, None)
         self._worker_dstate[worker_id] = self._start_dstate

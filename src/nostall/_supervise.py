@@ -34,6 +34,7 @@ class Supervisor:
     reported: set = field(default_factory=set)  # task ids already reported as hung
     skipped: list = field(default_factory=list)  # (epoch, batch, index, error)
     _skip_counts: dict = field(default_factory=dict)  # plan serial -> samples skipped
+    excused: int = 0  # deaths not counted against max_restarts
 
     def pool_started(self) -> None:
         """Note the OOM killer's count now, to tell later whether it fired."""
@@ -49,10 +50,14 @@ class Supervisor:
             cause += ". " + _diagnose.oom_evidence(self.oom_baseline)
         return cause
 
-    def may_restart(self, cause: str) -> bool:
-        """Record a restart; False when the limit is reached (then the loader raises)."""
+    def may_restart(self, cause: str, excused: bool = False) -> bool:
+        """Record a restart; False when more than ``max_restarts`` deaths were the
+        workers' own (up to one excused death per worker is not counted: a full
+        /dev/shm before nostall switched to pipes). Then the loader raises."""
         self.restarts.append(cause)
-        return len(self.restarts) <= self.config.max_restarts
+        if excused and self.excused < self.config.num_workers:
+            self.excused += 1
+        return len(self.restarts) - self.excused <= self.config.max_restarts
 
     def gave_up(self, cause: str, held: list, iterable: bool) -> str:
         """The error when a worker cannot be replaced."""
@@ -60,7 +65,7 @@ class Supervisor:
             why = ("An iterable dataset's stream cannot be resumed in a new worker, so the epoch "
                    "cannot complete.")
         else:
-            why = (f"That is {len(self.restarts)} worker failures, more than max_worker_restarts="
+            why = (f"That is {len(self.restarts) - self.excused} worker failures, more than max_worker_restarts="
                    f"{self.config.max_restarts}.")
         detail = f" It held the batches with sample indices {held}." if held and not iterable else ""
         return (f"{cause}.{detail} {why} The loader was closed; fix the cause (memory limit, a crash "

@@ -27,24 +27,41 @@ def _rebuild_inline(raw: bytearray, dtype: torch.dtype, shape: tuple) -> torch.T
 
 
 class _BatchPickler(ForkingPickler):
-    """torch's shared-memory pickler, except that small tensors travel by value."""
+    """torch's shared-memory pickler, except that small tensors travel by value
+    (all of them with ``inline_all``, when /dev/shm is too small)."""
+
+    def __init__(self, file, protocol, inline_all: bool = False):
+        super().__init__(file, protocol)
+        self.inline_limit = float("inf") if inline_all else INLINE_BYTES
 
     def reducer_override(self, obj):
         if type(obj) is not torch.Tensor or obj.device.type != "cpu":
             return NotImplemented
         if obj.requires_grad or obj.layout != torch.strided or obj.is_quantized:
             return NotImplemented
-        if obj.numel() * obj.element_size() > INLINE_BYTES:
+        if obj.numel() * obj.element_size() > self.inline_limit:
             return NotImplemented  # torch's reduction: a shared-memory descriptor
         flat = obj.detach().contiguous().reshape(-1).view(torch.uint8)
         return _rebuild_inline, (bytearray(flat.numpy().tobytes()), obj.dtype, tuple(obj.shape))
 
 
-def dumps(obj) -> bytes:
+def dumps(obj, inline_all: bool = False) -> bytes:
     """Serialize a worker's message for the pipe (see module docstring)."""
     buf = io.BytesIO()
-    _BatchPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    _BatchPickler(buf, pickle.HIGHEST_PROTOCOL, inline_all).dump(obj)
     return buf.getbuffer()
+
+
+def shared_bytes(batch) -> int:
+    """Bytes of ``batch`` that travel through shared memory (tensors above the inline size)."""
+    if isinstance(batch, torch.Tensor):
+        size = batch.numel() * batch.element_size()
+        return size if size > INLINE_BYTES else 0
+    if isinstance(batch, dict):
+        return sum(shared_bytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(shared_bytes(v) for v in batch)
+    return 0
 
 
 def loads(data: bytes):

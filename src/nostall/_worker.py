@@ -51,6 +51,12 @@ class Pause(NamedTuple):
     seconds: float
 
 
+class PipeOnly(NamedTuple):
+    """From now on send whole batches through the pipe, not through /dev/shm (too small)."""
+
+    reason: str = ""
+
+
 class Result(NamedTuple):
     """A worker's answer. ``kind`` is "ok" (``payload`` is the batch), "stop" (an
     iterable dataset is exhausted in this worker) or "error" (``payload`` is a
@@ -67,6 +73,7 @@ class Result(NamedTuple):
     done: float = 0.0
     cpu: float = 0.0
     skipped: tuple = ()
+    note: str = ""  # "shm-full: ...": /dev/shm was full, this worker now sends through its pipe
 
 
 class BatchMaker:
@@ -82,6 +89,8 @@ class BatchMaker:
         self._fetcher = None
         self._fetcher_epoch = None
         self._skipped: list = []
+        self.no_shm = False  # set when /dev/shm is too small (see PipeOnly)
+        self.note = ""  # news for the loader, sent with the next result
 
     def apply_attrs(self, attrs: dict) -> None:
         """Mirror attributes the main process reassigned on its dataset (e.g. by set_epoch)."""
@@ -92,8 +101,9 @@ class BatchMaker:
         started, cpu = time.monotonic(), time.thread_time()
         self._skipped = []
         kind, payload = self._make(task)
+        note, self.note = self.note, ""
         return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu,
-                      tuple(self._skipped))
+                      tuple(self._skipped), note)
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
@@ -119,7 +129,7 @@ class BatchMaker:
             return self._fetch_skipping(indices, current)
         if not spec.auto_collation:
             current[0] = indices
-            return spec.collate_fn(self.dataset[indices])
+            return self._collate(self.dataset[indices])
         getitems = getattr(self.dataset, "__getitems__", None)
         if getitems:
             data = getitems(indices)
@@ -129,7 +139,24 @@ class BatchMaker:
                 current[0] = index
                 data.append(self.dataset[index])
         current[0] = indices
-        return spec.collate_fn(data)
+        return self._collate(data)
+
+    def _collate(self, data):
+        if not self.no_shm:
+            try:
+                return self.spec.collate_fn(data)
+            except RuntimeError as exc:
+                if "shared memory" not in str(exc):
+                    raise
+                self.no_shm = True  # /dev/shm is full: this and later batches go through the pipe
+                self.note = f"shm-full: {str(exc).splitlines()[0]}"
+        # torch's default_collate puts a worker's batch in shared memory when it sees
+        # worker info; with /dev/shm too small that fails or dies of SIGBUS.
+        saved, torch_worker._worker_info = torch_worker._worker_info, None
+        try:
+            return self.spec.collate_fn(data)
+        finally:
+            torch_worker._worker_info = saved
 
     def _fetch_skipping(self, indices, current: list):
         """Like ``_fetch_map``, but a sample that raises is left out and recorded; the
@@ -143,7 +170,7 @@ class BatchMaker:
             except Exception as exc:
                 self._skipped.append((indices, _describe(exc)))
                 return _EMPTY
-            return spec.collate_fn(sample)
+            return self._collate(sample)
         getitems = getattr(self.dataset, "__getitems__", None)
         if getitems:
             try:
@@ -152,7 +179,7 @@ class BatchMaker:
                 data = None  # find the failing samples one by one
             if data is not None:
                 current[0] = indices
-                return spec.collate_fn(data)
+                return self._collate(data)
         data = []
         for index in indices:
             current[0] = index
@@ -163,13 +190,13 @@ class BatchMaker:
         if not data:
             return _EMPTY
         current[0] = indices
-        return spec.collate_fn(data)
+        return self._collate(data)
 
     def _fetch_iterable(self, task: Task):
         spec = self.spec
         if self._fetcher_epoch != task.epoch:
             self._fetcher = _IterableDatasetFetcher(
-                self.dataset, spec.auto_collation, spec.collate_fn, spec.drop_last
+                self.dataset, spec.auto_collation, self._collate, spec.drop_last
             )
             self._fetcher_epoch = task.epoch
         try:
@@ -277,9 +304,12 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
         if isinstance(msg, Pause):
             time.sleep(msg.seconds)
             continue
+        if isinstance(msg, PipeOnly):
+            maker.no_shm = True
+            continue
         result = maker.make(msg)
         try:
-            conn.send_bytes(_transport.dumps(result))
+            conn.send_bytes(_transport.dumps(result, inline_all=maker.no_shm))
         except (BrokenPipeError, ConnectionResetError, OSError):
             return
         except Exception:

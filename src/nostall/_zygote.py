@@ -19,11 +19,13 @@ import gc
 import multiprocessing
 import os
 import signal
+import time
 from multiprocessing import connection, reduction
 
 from . import _worker
 
 _PR_SET_PDEATHSIG = 1
+_EXIT_GRACE_S = 0.5  # how long workers get to finish their batch when the loader closes
 
 
 def die_with_parent() -> None:
@@ -82,7 +84,13 @@ def factory_main(control, num_workers: int, base_seed: int, spec, parent_end=Non
                     except OSError:
                         return
     finally:
+        # Workers end by themselves once their pipe is closed and their batch is done.
+        # Killing one mid-batch could strand a shared-memory file torch was creating.
+        deadline = time.monotonic() + _EXIT_GRACE_S
         for _, proc in workers.values():
-            proc.kill()
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for _, proc in workers.values():
+            if proc.is_alive():
+                proc.kill()  # stuck in dataset code: it cannot finish by itself
         for _, proc in workers.values():
             proc.join(1.0)
