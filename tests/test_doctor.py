@@ -254,7 +254,7 @@ def test_large_list_of_dicts_is_reported_with_its_measured_size():
     assert 0.7 * allocated < c.nbytes < 1.4 * allocated, (c.nbytes, allocated)
     assert f"~{c.nbytes / MB:,.0f} MB more memory per worker" in f.found
     assert f"~{4 * c.nbytes / MB:,.0f} MB over 4 workers" in f.found
-    assert "numpy array" in f.fix and "dataset.samples" in f.fix
+    assert "nostall.flat(self.samples)" in f.fix and "dataset.samples" in f.fix
     # More growth than the memory available is a problem.
     [f] = check_copy_on_read(dataset, num_workers=4, start_method="spawn", available_bytes=c.nbytes)
     assert f.severity == "problem" and "more than the" in f.found and "With spawn" in f.found

@@ -5,11 +5,27 @@ the same batches; its workers persist and prepare the next epoch while the curre
 one finishes.
 """
 
+from ._containers import NumberArray, ObjectArray, Records, StringArray, flat
 from ._loader import DataLoader
 from ._loader_config import LoaderConfig
 from ._seeding import WorkerRNG, worker_rng
 from ._stats import EpochStats, LoaderStats
 from ._watch import Watched, progress, watch
 
-__all__ = ["DataLoader", "EpochStats", "LoaderConfig", "LoaderStats", "Watched", "WorkerRNG", "progress", "watch", "worker_rng"]
+__all__ = [
+    "DataLoader",
+    "EpochStats",
+    "LoaderConfig",
+    "LoaderStats",
+    "NumberArray",
+    "ObjectArray",
+    "Records",
+    "StringArray",
+    "Watched",
+    "WorkerRNG",
+    "flat",
+    "progress",
+    "watch",
+    "worker_rng",
+]
 __version__ = "0.1.0"

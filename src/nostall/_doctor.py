@@ -319,11 +319,12 @@ def check_copy_on_read(dataset: Any, num_workers: int, start_method: str,
         if severity == "problem":
             found += (f" All large containers together: ~{_mb(total)} over {num_workers} workers, more than "
                       f"the {_mb(available_bytes)} of memory available.")
-        fix = (f"Hold {c.path} in a few large buffers instead of {c.count:,} Python objects, and build one "
-               "sample's Python objects inside __getitem__: numbers as a numpy array or torch tensor "
-               "(np.asarray(values)), strings as one fixed-width numpy array (np.array(paths)) or one "
-               "bytes buffer plus an offsets array; for a list of dicts, one array per key. Containers that "
-               "do not hold one Python object per element are not copied by reading.")
+        attr = c.path.split(".", 1)[1] if c.path.startswith("dataset.") else c.path
+        fix = (f"Hold {c.path} in a few flat buffers instead of {c.count:,} Python objects, one line in "
+               f"the dataset's __init__: `self.{attr} = nostall.flat(self.{attr})` (lists of str, numbers "
+               "or same-keyed dicts; items come back as fresh Python objects). Flat buffers hold no "
+               "per-item Python object, so reading them copies nothing, and under spawn they reach the "
+               "workers as shared memory.")
         findings.append(Finding(severity, "copy_on_read", found, fix))
     return findings
 
