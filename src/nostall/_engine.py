@@ -70,6 +70,9 @@ class Engine:
         self._last_done: dict[int, float] = {}  # worker -> when it last finished a batch
         self.supervisor = Supervisor(config)
         self._shm_checked = False
+        self._epoch_over = False  # the current epoch raised StopIteration
+        self._delivered: set = set()  # batch numbers delivered this epoch (in_order=False)
+        self._resume = None  # batches of the resumed epoch already delivered before the save
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self.closed = False
 
@@ -89,6 +92,11 @@ class Engine:
         self._current = plan
         self._deliver_no = 0
         self._skipped = set()
+        self._epoch_over = False
+        self._delivered = set()
+        if self._resume is not None:
+            self._skip_delivered(plan, self._resume)
+            self._resume = None
         self._epoch_samples = self.planner.epoch_samples()
         if self.worker_log is None:
             self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor)
@@ -136,6 +144,7 @@ class Engine:
                 return self._deliver(result)
             self._fill()
             if self._epoch_done(plan):
+                self._epoch_over = True
                 if not self.config.persistent:
                     self._close_pool()
                 raise StopIteration
@@ -167,8 +176,11 @@ class Engine:
         while True:
             item = self.planner.pull(plan)
             if item is None:
+                self._epoch_over = True
                 raise StopIteration
             batch_no, indices = item
+            if batch_no in plan.skip:
+                continue
             with _seeding.saved_global_rng():
                 result = self._inline.make(Task(-1, plan.number, batch_no, indices))
             if result.kind == "stop":
@@ -191,6 +203,7 @@ class Engine:
             for i, key in enumerate(self._arrivals):
                 if key[0] == plan.serial:
                     del self._arrivals[i]
+                    self._delivered.add(key[1])
                     return self._ready.pop(key)
             return None
         while self._deliver_no in self._skipped:
@@ -238,6 +251,8 @@ class Engine:
             if item is None:
                 continue
             batch_no, indices = item
+            if batch_no in plan.skip:
+                continue  # delivered before the state was saved
             self._submit(worker_id, plan, batch_no, indices)
 
     def _pick_worker(self, plan: EpochPlan):
@@ -305,6 +320,39 @@ class Engine:
         self._ready[key] = result
         if not self.config.in_order:
             self._arrivals.append(key)
+
+    # -- resume ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where the loop is: the epoch, the batches of it already delivered, and what
+        the epoch's order depends on (see ``Planner.state``)."""
+        plan = self._current
+        if plan is None or self._epoch_over:
+            return dict(self.planner.state_of_next(), delivered=0)
+        if self.config.in_order:
+            delivered = self._deliver_no if self._inline is None else plan.next_batch_no
+        else:
+            delivered = sorted(self._delivered)
+        return dict(self.planner.state(plan), delivered=delivered)
+
+    def load(self, state: dict) -> None:
+        """Make the next ``begin_epoch`` continue the saved epoch after its delivered batches."""
+        if self.planner.iterable and self.config.num_workers > 0:
+            raise ValueError(
+                "resuming an iterable dataset needs num_workers=0: with workers, each worker's copy "
+                "of the dataset holds its own position. Resume with num_workers=0, or shard the "
+                "stream so that a map-style dataset can index it."
+            )
+        self.planner.restore(state)
+        self._resume = state["delivered"] if not self.planner.iterable else None
+
+    def _skip_delivered(self, plan: EpochPlan, delivered) -> None:
+        if isinstance(delivered, int):  # in order: the first `delivered` batches, by index only
+            for _ in range(delivered):
+                if self.planner.pull(plan) is None:
+                    break
+            self._deliver_no = delivered
+        else:
+            plan.skip = frozenset(delivered)
 
     # -- supervision ---------------------------------------------------------------
     def _check_shm(self, batch) -> None:

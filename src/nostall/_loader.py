@@ -11,6 +11,7 @@ import torch
 import torch.utils.data as tud
 
 from ._config import PoolConfig
+from . import _resume
 from ._engine import Engine
 from ._plan import Planner
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
@@ -145,6 +146,7 @@ class DataLoader(tud.DataLoader):
         self._torch_persistent = explicit_persistent and num_workers > 0
         self._engine: Engine | None = None
         self._finalizer = None
+        self._pending_state: dict | None = None
         self._recorder = Recorder() if stats else None
         if self._recorder is not None:
             self._stats = LoaderStats(self._recorder, num_workers=num_workers)
@@ -192,6 +194,9 @@ class DataLoader(tud.DataLoader):
         called = _clock()
         if self._engine is None:
             self._engine = self._start_engine()
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._engine.load(state)
         plan = self._engine.begin_epoch()
         next_fn = functools.partial(self._engine.next_batch, plan)
         if self._recorder is None:
@@ -215,6 +220,26 @@ class DataLoader(tud.DataLoader):
     def stats(self) -> LoaderStats | None:
         """Live statistics of this loader (see :class:`nostall.LoaderStats`); None with ``stats=False``."""
         return self._stats
+
+    def state_dict(self) -> dict:
+        """Where this loader is, to continue exactly there later (the same name as
+        torchdata's StatefulDataLoader). Take it between batches or between epochs;
+        it is small (the epoch, how many of its batches were delivered, random
+        generator states) and holds no sample. See :meth:`load_state_dict`."""
+        state = {"version": _resume.VERSION, "loader": _resume.fingerprint(self)}
+        if self._engine is None:
+            return dict(state, fresh=True)
+        return dict(state, **self._engine.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (from :meth:`state_dict`) was taken: the next
+        ``iter(loader)`` yields the rest of that epoch, the same batches as the
+        uninterrupted run, then the following epochs. Call it on a loader built
+        like the saved one (``num_workers`` may differ), before iterating."""
+        _resume.check(state, self)
+        if state.get("fresh"):
+            return
+        self._pending_state = state
 
     def worker_pids(self) -> list:
         """Pids of the worker processes now running (empty before the first epoch)."""

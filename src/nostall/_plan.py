@@ -35,6 +35,7 @@ prepared ahead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
@@ -101,6 +102,8 @@ class EpochPlan:
     exhausted: bool = False
     serial: int = field(default_factory=itertools.count().__next__)  # unique per plan
     waiting_since: float | None = None  # when the loop last saw progress (torch's `timeout`)
+    replay: dict = field(default_factory=dict)  # generator states before this plan drew (for resume)
+    skip: frozenset = frozenset()  # batch numbers delivered before a resume (in_order=False)
 
 
 class Planner:
@@ -118,6 +121,7 @@ class Planner:
             loader, "_nostall_builtin_sampler", False
         )
         self.epoch = -1
+        self._restored_global = None  # global RNG state to replay at the next begin() (resume)
         self._ahead: EpochPlan | None = None
         self._states: list = []  # the states seen at the last two iter() calls
 
@@ -219,16 +223,25 @@ class Planner:
                 ahead.ahead = False
                 return ahead
             self.discard(ahead)
-        self._draw_epoch_seed(self.epoch)
-        plan = EpochPlan(self.epoch, state, self._batches(self._loader._index_sampler), ahead=False)
-        if self.epoch == 0 and self._builtin_random and self._loader.generator is None:
-            # Make the first epoch's global draw now, as torch's sampler does on its
-            # first batch; later epochs shuffle from a private generator.
-            first = next(plan.batches, None)
-            plan.batches = iter(()) if first is None else itertools.chain([first], plan.batches)
-            self._private = torch.Generator().manual_seed(self.base_seed)
-            self._loader.sampler.generator = self._private
-            self._states[-1] = self._state()  # predictions start from the swapped sampler
+        replay = self._snapshot()
+        restored, self._restored_global = self._restored_global, None
+        # A resumed epoch replays its global-RNG draws, then the caller's stream is put back.
+        with _seeding.saved_global_rng() if restored is not None else contextlib.nullcontext():
+            if restored is not None:
+                torch.set_rng_state(restored)
+            self._draw_epoch_seed(self.epoch)
+            plan = EpochPlan(self.epoch, state, self._batches(self._loader._index_sampler), ahead=False,
+                             replay=replay)
+            builtin_first = self.epoch == 0 and self._builtin_random and self._loader.generator is None
+            if builtin_first or (restored is not None and not self.iterable):
+                # Make the first epoch's global draw now, as torch's sampler does on its
+                # first batch (samplers draw at their first item).
+                first = next(plan.batches, None)
+                plan.batches = iter(()) if first is None else itertools.chain([first], plan.batches)
+            if builtin_first:  # later epochs shuffle from a private generator
+                self._private = torch.Generator().manual_seed(self.base_seed)
+                self._loader.sampler.generator = self._private
+                self._states[-1] = self._state()  # predictions start from the swapped sampler
         return plan
 
     def discard(self, plan: EpochPlan) -> None:
@@ -237,6 +250,71 @@ class Planner:
             generator.set_state(saved)
         if plan is self._ahead:
             self._ahead = None
+
+    # -- resume ---------------------------------------------------------------------
+    def _all_generators(self) -> list:
+        gens = _generators(self._watched().values())
+        if self._loader.generator is not None:
+            gens.append(self._loader.generator)
+        return gens
+
+    def _snapshot(self) -> dict:
+        """What an epoch's order depends on, taken before the epoch draws anything."""
+        sampler = self._loader._index_sampler
+        draws = draws_global_rng(sampler)
+        if self.epoch == 0 and self._builtin_random and self._loader.generator is None:
+            draws = True
+        return {"generators": [g.get_state() for g in self._all_generators()],
+                "global": torch.get_rng_state() if draws is not False else None}
+
+    def state(self, plan: EpochPlan) -> dict:
+        """The planner's part of ``loader.state_dict()`` for a position in ``plan``."""
+        watched = self._watched()
+        return {
+            "epoch": plan.number,
+            "base_seed": self.base_seed,
+            "private_generator": self._private.get_state() if self._private is not None else None,
+            "generators": plan.replay.get("generators", []),
+            "global_rng": plan.replay.get("global"),
+            "epochs_set": {role: getattr(obj, "epoch") for role, obj in watched.items()
+                           if hasattr(obj, "set_epoch") and type(getattr(obj, "epoch", None)) is int},
+            # An iterable dataset's position is its own to keep (map-style ones are replayed).
+            "states": {"dataset": watched["dataset"].state_dict()}
+            if self.iterable and callable(getattr(watched["dataset"], "state_dict", None)) else {},
+        }
+
+    def state_of_next(self) -> dict:
+        """``state`` for the start of the next epoch (taken between epochs)."""
+        if self._ahead is not None:
+            return self.state(self._ahead)
+        return self.state(EpochPlan(self.epoch + 1, {}, iter(()), ahead=False, replay=self._snapshot()))
+
+    def restore(self, state: dict) -> None:
+        """Make the next ``begin()`` replay epoch ``state["epoch"]`` exactly."""
+        loader = self._loader
+        self.epoch = state["epoch"] - 1
+        self.base_seed = state["base_seed"]
+        self._ahead = None
+        if state["private_generator"] is not None and state["epoch"] >= 1:  # epoch 0 makes its own
+            self._private = torch.Generator()
+            self._private.set_state(state["private_generator"])
+            loader.sampler.generator = self._private
+        watched = self._watched()
+        for role, value in state["epochs_set"].items():
+            watched[role].set_epoch(value)
+        for role, value in state["states"].items():
+            watched[role].load_state_dict(value)
+        gens = self._all_generators()
+        if len(gens) != len(state["generators"]):
+            raise ValueError(
+                f"the saved state holds {len(state['generators'])} random generator state(s) but this "
+                f"loader's sampler and dataset hold {len(gens)}: restore into a loader built the same "
+                "way (same sampler, generator= given or not)."
+            )
+        for gen, saved in zip(gens, state["generators"]):
+            gen.set_state(saved)
+        self._restored_global = state["global_rng"]
+        self._states = [self._state()]
 
     def plan_ahead(self) -> EpochPlan | None:
         """The next epoch's plan, prepared before its ``iter()``; None when not allowed."""
@@ -265,7 +343,8 @@ class Planner:
                 generator.set_state(saved)
             return None
         self._ahead = EpochPlan(
-            self.epoch + 1, predicted, batches, ahead=True, rewind=rewind, watched=draws is None
+            self.epoch + 1, predicted, batches, ahead=True, rewind=rewind, watched=draws is None,
+            replay={"generators": [saved for _, saved in rewind], "global": None},
         )
         return self._ahead
 
