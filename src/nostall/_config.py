@@ -26,6 +26,10 @@ class PoolConfig:
     loader raises (``on_hang``). A sample whose ``__getitem__`` raises is raised in
     the loop (``on_sample_error="raise"``) or left out of its batch ("skip"),
     until more than ``max_skipped_fraction`` of an epoch's samples were left out.
+
+    ``max_inflight_bytes`` also bounds the window in bytes: once a batch's size is
+    known, at most ``max_inflight_bytes // batch bytes`` batches are in flight (at
+    least one); before that, one per worker.
     """
 
     num_workers: int
@@ -41,6 +45,7 @@ class PoolConfig:
     on_hang: str = "restart"
     on_sample_error: str = "raise"
     max_skipped_fraction: float = 0.01
+    max_inflight_bytes: int | None = None
 
     def __post_init__(self):
         if self.worker_type not in WORKER_TYPES:
@@ -74,11 +79,26 @@ class PoolConfig:
                 f"`on_sample_error` must be one of {', '.join(map(repr, ON_SAMPLE_ERROR))}; "
                 f"got {self.on_sample_error!r}."
             )
+        if self.max_inflight_bytes is not None and (
+            isinstance(self.max_inflight_bytes, bool) or not isinstance(self.max_inflight_bytes, int)
+            or self.max_inflight_bytes <= 0
+        ):
+            raise ValueError(
+                f"`max_inflight_bytes` must be None or an int > 0 (bytes); got {self.max_inflight_bytes!r}."
+            )
         if not (isinstance(self.max_skipped_fraction, (int, float)) and not isinstance(self.max_skipped_fraction, bool)
                 and 0.0 <= self.max_skipped_fraction <= 1.0):
             raise ValueError(
                 f"`max_skipped_fraction` must be a number from 0 to 1; got {self.max_skipped_fraction!r}."
             )
+    def window_for(self, batch_bytes: int) -> int:
+        """The window, also bounded by ``max_inflight_bytes`` for batches of ``batch_bytes``."""
+        if self.max_inflight_bytes is None:
+            return self.window
+        if batch_bytes <= 0:
+            return max(1, min(self.window, self.num_workers))
+        return max(1, min(self.window, self.max_inflight_bytes // batch_bytes))
+
     @property
     def window(self) -> int:
         """Most batches in flight (at least 1, so prefetch_factor=0 still makes progress)."""

@@ -34,6 +34,34 @@ from ._supervise import Supervisor
 from ._worker import BatchMaker, Pause, PipeOnly, Result, Task, WorkSpec
 
 
+_COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not worth a warning
+_warned_copy_on_read = False
+
+
+def _warn_copy_on_read(dataset, num_workers: int) -> None:
+    """Once per process: point a dataset holding large Python containers to nostall.flat."""
+    global _warned_copy_on_read
+    if _warned_copy_on_read:
+        return
+    from ._doctor import find_large_containers  # only when workers start: a few ms
+
+    large = [c for c in find_large_containers(dataset) if c.nbytes >= _COPY_ON_READ_WARN_BYTES]
+    if not large:
+        return
+    _warned_copy_on_read = True
+    c = max(large, key=lambda c: c.nbytes)
+    attr = c.path.split(".", 1)[1] if c.path.startswith("dataset.") else c.path
+    warnings.warn(
+        f"{c.path} is a {c.kind} of {c.count:,} Python objects (~{c.nbytes / 2**20:,.0f} MB). Each of the "
+        f"{num_workers} workers copies the pages it reads (reading updates reference counts; "
+        f"pytorch/pytorch#13246): up to ~{c.nbytes * num_workers / 2**20:,.0f} MB more. Store it flat in the "
+        f"dataset's __init__: `self.{attr} = nostall.flat(self.{attr})`. (`nostall doctor --dataset ...` "
+        "lists every such container.)",
+        UserWarning,
+        stacklevel=5,
+    )
+
+
 @dataclass
 class _InFlight:
     plan: EpochPlan
@@ -73,6 +101,7 @@ class Engine:
         self._epoch_over = False  # the current epoch raised StopIteration
         self._delivered: set = set()  # batch numbers delivered this epoch (in_order=False)
         self._resume = None  # batches of the resumed epoch already delivered before the save
+        self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self.closed = False
 
@@ -116,6 +145,7 @@ class Engine:
             self.pool = ThreadPool(self.spec, n, seed)
         else:
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
+            _warn_copy_on_read(self.spec.dataset, n)
             self.pool = ProcessPool(self._ctx, self.spec, n, seed)
             if self._pipe_only:
                 for w in range(n):
@@ -235,7 +265,7 @@ class Engine:
         return len(self._inflight) + len(self._ready)
 
     def _fill(self) -> None:
-        window = self.config.window
+        window = self.config.window_for(self._batch_bytes)
         while self._occupancy() < window:
             plan = self._current
             if plan.exhausted:
@@ -316,6 +346,8 @@ class Engine:
                                f"({result.note[len('shm-full: '):]}; {self._shm_text()})")
         if not self._shm_checked and result.kind == "ok" and self.pool.passes_attrs:
             self._check_shm(result.payload)
+        if self.config.max_inflight_bytes is not None and result.kind == "ok":
+            self._batch_bytes = max(self._batch_bytes, _transport.tensor_bytes(result.payload))
         key = (task.plan.serial, task.batch_no)
         self._ready[key] = result
         if not self.config.in_order:

@@ -74,6 +74,9 @@ class DataLoader(tud.DataLoader):
     loader raises (``on_hang="restart"|"raise"``). ``on_sample_error="skip"`` leaves
     failing samples out of their batch (listed in ``loader.stats.skipped``) until
     more than ``max_skipped_fraction`` of an epoch's samples failed.
+
+    ``max_inflight_bytes`` bounds the batches in flight in bytes as well (once the
+    first batch's size is known), for large batches on machines short of memory.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class DataLoader(tud.DataLoader):
         on_hang="restart",
         on_sample_error="raise",
         max_skipped_fraction=0.01,
+        max_inflight_bytes=None,
     ):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int):
             raise TypeError(f"`num_workers` must be an int >= 0; got {num_workers!r}.")
@@ -138,6 +142,7 @@ class DataLoader(tud.DataLoader):
             on_hang=on_hang,
             on_sample_error=on_sample_error,
             max_skipped_fraction=max_skipped_fraction,
+            max_inflight_bytes=max_inflight_bytes,
         )
         self._ctx = ctx
         # torch builds a RandomSampler itself for shuffle=True; nostall may give that

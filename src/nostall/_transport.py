@@ -52,16 +52,21 @@ def dumps(obj, inline_all: bool = False) -> bytes:
     return buf.getbuffer()
 
 
-def shared_bytes(batch) -> int:
-    """Bytes of ``batch`` that travel through shared memory (tensors above the inline size)."""
+def tensor_bytes(batch, above: int = 0) -> int:
+    """Bytes of the tensors in ``batch`` larger than ``above`` bytes."""
     if isinstance(batch, torch.Tensor):
         size = batch.numel() * batch.element_size()
-        return size if size > INLINE_BYTES else 0
+        return size if size > above else 0
     if isinstance(batch, dict):
-        return sum(shared_bytes(v) for v in batch.values())
+        return sum(tensor_bytes(v, above) for v in batch.values())
     if isinstance(batch, (list, tuple)):
-        return sum(shared_bytes(v) for v in batch)
+        return sum(tensor_bytes(v, above) for v in batch)
     return 0
+
+
+def shared_bytes(batch) -> int:
+    """Bytes of ``batch`` that travel through shared memory (tensors above the inline size)."""
+    return tensor_bytes(batch, INLINE_BYTES)
 
 
 def loads(data: bytes):
