@@ -127,11 +127,12 @@ INVALID = [
     ("shuffle", 1, "true or false"),
     ("shuffle", "maybe", "true or false"),
     ("drop_last", None, "true or false"),
-    ("num_workers", -3, "an int >= 0"),
-    ("num_workers", 1.5, "an int >= 0"),
-    ("num_workers", "2", "an int >= 0"),
-    ("prefetch_factor", 0, "an int >= 1, or null for torch's default (2)"),
-    ("prefetch_factor", -1, "an int >= 1, or null for torch's default (2)"),
+    ("num_workers", -3, "an int >= 0 or 'auto'"),
+    ("num_workers", 1.5, "an int >= 0 or 'auto'"),
+    ("num_workers", "2", "an int >= 0 or 'auto'"),
+    ("num_workers", "Auto", "an int >= 0 or 'auto'"),
+    ("prefetch_factor", 0, "an int >= 1, 'auto', or null for torch's default (2)"),
+    ("prefetch_factor", -1, "an int >= 1, 'auto', or null for torch's default (2)"),
     ("persistent_workers", "sometimes", "true, false, or null (true when num_workers > 0)"),
     ("pin_memory", "yes please", "true or false"),
     ("worker_type", "greenlet", "one of 'process', 'thread'"),
@@ -157,19 +158,24 @@ def test_invalid_values_name_key_value_and_allowed_range(key, value, allowed):
 
 
 def test_the_briefs_example_messages(tmp_path, monkeypatch):
-    assert _error(num_workers=-3) == "`num_workers` must be an int >= 0; got -3."
+    assert _error(num_workers=-3) == "`num_workers` must be an int >= 0 or 'auto'; got -3."
     monkeypatch.chdir(tmp_path)
     (tmp_path / "loader.yaml").write_text("batch_size: 32\nnum_workers: -3\n")
     with pytest.raises(ConfigError) as info:
         LoaderConfig.load("loader.yaml")
-    assert str(info.value) == "loader.yaml: key `num_workers`: must be an int >= 0; got -3."
+    assert str(info.value) == "loader.yaml: key `num_workers`: must be an int >= 0 or 'auto'; got -3."
 
 
-@pytest.mark.parametrize("key", ["num_workers", "prefetch_factor"])
-def test_auto_is_refused_for_now_saying_what_is_allowed(key):
-    message = _error(**{"num_workers": 2, key: "auto"})
-    assert message.startswith(f"`{key}` must be an int >= ")
-    assert "got 'auto'. ('auto' is not supported yet)" in message
+def test_auto_round_trips_and_builds_an_auto_loader(tmp_path):
+    import nostall
+
+    config = LoaderConfig(num_workers="auto", prefetch_factor="auto")
+    assert LoaderConfig.from_yaml(config.to_yaml()) == config
+    path = tmp_path / "loader.yaml"
+    config.save(path)
+    loader = nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(10)), path)
+    assert loader.num_workers == "auto" and loader._config.auto_workers and loader._config.auto_prefetch
+    loader.close()
 
 
 @pytest.mark.parametrize("key, value", [
@@ -207,7 +213,7 @@ def test_settings_may_sit_under_loader_beside_notes_and_measured():
             "notes: written by nostall tune\nmeasured:\n  batches_per_s: 812.5\n")
     assert LoaderConfig.from_yaml(text) == LoaderConfig(batch_size=32, num_workers=2)
     with pytest.raises(ConfigError, match=r"^f.yaml: key `loader.num_workers`: must be an int "
-                                          r">= 0; got -1\.$"):
+                                          r">= 0 or 'auto'; got -1\.$"):
         LoaderConfig.from_yaml("loader:\n  num_workers: -1\n", source="f.yaml")
     with pytest.raises(ConfigError, match=r"key `loader.batchsize`: is not a known setting. "
                                           r"Did you mean `batch_size`\?"):
@@ -402,7 +408,7 @@ def test_cli_check_of_a_bad_file_exits_1_with_the_message(tmp_path):
     proc = _cli("--check", "loader.yaml", cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stdout == ""
-    assert proc.stderr == ("nostall config: loader.yaml: key `num_workers`: must be an int >= 0; "
+    assert proc.stderr == ("nostall config: loader.yaml: key `num_workers`: must be an int >= 0 or 'auto'; "
                            "got -3.\n")
 
 

@@ -6,6 +6,7 @@ one finishes.
 """
 
 from ._containers import NumberArray, ObjectArray, Records, StringArray, flat
+from ._distributed import ShardInfo, shard_info
 from ._loader import DataLoader
 from ._loader_config import LoaderConfig
 from ._seeding import WorkerRNG, worker_rng
@@ -20,11 +21,13 @@ __all__ = [
     "NumberArray",
     "ObjectArray",
     "Records",
+    "ShardInfo",
     "StringArray",
     "Watched",
     "WorkerRNG",
     "flat",
     "progress",
+    "shard_info",
     "watch",
     "worker_rng",
 ]

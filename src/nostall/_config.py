@@ -46,6 +46,8 @@ class PoolConfig:
     on_sample_error: str = "raise"
     max_skipped_fraction: float = 0.01
     max_inflight_bytes: int | None = None
+    auto_workers: bool = False  # num_workers="auto": num_workers is then the most the tuner may use
+    auto_prefetch: bool = False  # prefetch_factor="auto"
 
     def __post_init__(self):
         if self.worker_type not in WORKER_TYPES:
@@ -91,13 +93,16 @@ class PoolConfig:
             raise ValueError(
                 f"`max_skipped_fraction` must be a number from 0 to 1; got {self.max_skipped_fraction!r}."
             )
-    def window_for(self, batch_bytes: int) -> int:
-        """The window, also bounded by ``max_inflight_bytes`` for batches of ``batch_bytes``."""
+    def window_for(self, batch_bytes: int, workers: int | None = None, prefetch: int | None = None) -> int:
+        """The window for ``workers`` active workers with ``prefetch`` (default: the
+        configured ones), also bounded by ``max_inflight_bytes`` for batches of ``batch_bytes``."""
+        workers = self.num_workers if workers is None else workers
+        window = max(1, workers * (self.prefetch_factor if prefetch is None else prefetch))
         if self.max_inflight_bytes is None:
-            return self.window
+            return window
         if batch_bytes <= 0:
-            return max(1, min(self.window, self.num_workers))
-        return max(1, min(self.window, self.max_inflight_bytes // batch_bytes))
+            return max(1, min(window, workers))
+        return max(1, min(window, self.max_inflight_bytes // batch_bytes))
 
     @property
     def window(self) -> int:

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
 from . import _diagnose, _limits, _seeding, _transport
+from ._autotune import AutoTuner, initial_workers
 from ._config import PoolConfig
+from ._cpus import usable_cpus
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
 from ._schedule import Scheduler
@@ -102,6 +104,11 @@ class Engine:
         self._delivered: set = set()  # batch numbers delivered this epoch (in_order=False)
         self._resume = None  # batches of the resumed epoch already delivered before the save
         self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
+        self.tuner: AutoTuner | None = None  # num_workers="auto" / prefetch_factor="auto"
+        self._started_workers = 0
+        self._loop_returned = 0.0  # when the loop last got a batch (for the tuner)
+        self._polled = 0.0
+        self._tuned_at_busy: list = []
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self.closed = False
 
@@ -141,16 +148,27 @@ class Engine:
 
     def _start_pool(self) -> None:
         n, seed = self.config.num_workers, self.planner.base_seed
+        start = None
+        if self.config.auto_workers or self.config.auto_prefetch:
+            if self.tuner is None:
+                budget = usable_cpus().count
+                first = initial_workers(budget, n) if self.config.auto_workers else n
+                self.tuner = AutoTuner(n, budget, first, self.config.prefetch_factor or 2,
+                                       tune_workers=self.config.auto_workers,
+                                       tune_prefetch=self.config.auto_prefetch)
+                self.worker_log.tuner = self.tuner
+            start = self.tuner.workers
         if self.config.worker_type == "thread":
-            self.pool = ThreadPool(self.spec, n, seed)
+            self.pool = ThreadPool(self.spec, n, seed, start)
         else:
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
             _warn_copy_on_read(self.spec.dataset, n)
-            self.pool = ProcessPool(self._ctx, self.spec, n, seed)
+            self.pool = ProcessPool(self._ctx, self.spec, n, seed, start)
             if self._pipe_only:
                 for w in range(n):
                     self.pool.submit(w, PipeOnly(self._pipe_only))
-        self._sched = Scheduler(n)
+        self._started_workers = n if start is None else start
+        self._sched = Scheduler(self._started_workers)
         self._last_done = {}
         self.supervisor.pool_started()
         self._start_dstate = object_state(self.spec.dataset)
@@ -166,10 +184,14 @@ class Engine:
             )
         if self._inline is not None:
             return self._next_inline(plan)
+        called = time.monotonic() if self.tuner is not None else 0.0
+        self._polled = 0.0  # seconds this call spent waiting for workers (for the tuner)
         while True:
             result = self._take_ready(plan)
             if result is not None:
                 self.worker_log.delivered(self._occupancy() + 1)  # the pool exists: results came from it
+                if self.tuner is not None:
+                    self._tune(called)
                 self._fill()  # the slot it held goes to new work before the user's step
                 return self._deliver(result)
             self._fill()
@@ -192,6 +214,7 @@ class Engine:
         wait = 1.0 if timeout is None else min(1.0, max(0.0, plan.waiting_since + timeout - time.monotonic()))
         arrived = self.pool.poll(wait)
         now = time.monotonic()
+        self._polled += self.pool.blocked
         if arrived or self.pool.poll_progressed:
             plan.waiting_since = now
         elif timeout is not None and now - plan.waiting_since >= timeout:
@@ -265,7 +288,11 @@ class Engine:
         return len(self._inflight) + len(self._ready)
 
     def _fill(self) -> None:
-        window = self.config.window_for(self._batch_bytes)
+        tuner = self.tuner
+        if tuner is None:
+            window = self.config.window_for(self._batch_bytes)
+        else:
+            window = self.config.window_for(self._batch_bytes, tuner.workers, tuner.prefetch)
         while self._occupancy() < window:
             plan = self._current
             if plan.exhausted:
@@ -353,6 +380,40 @@ class Engine:
         if not self.config.in_order:
             self._arrivals.append(key)
 
+    # -- num_workers="auto" -------------------------------------------------------------
+    def _tune(self, called: float) -> None:
+        """Feed the tuner one delivery; at the end of a period apply what it decides."""
+        now = time.monotonic()
+        tuner = self.tuner
+        if self._loop_returned:  # waiting: blocked on workers; working: the loop's own step
+            tuner.observe(self._polled, called - self._loop_returned)
+        self._loop_returned = now
+        if not tuner.due(now):
+            return
+        active = sorted(self._sched.active)
+        busy_now = [self.worker_log.busy_s[w] for w in active]
+        before = self._tuned_at_busy
+        span = now - tuner._period_start
+        if len(before) == len(busy_now) and span > 0:
+            busy = sum(b - a for a, b in zip(before, busy_now)) / (span * len(active))
+        else:
+            busy = 1.0  # the set of workers changed: no comparable figure this period
+        shares = self._sched.cpu_shares(active)
+        cpu_bound = bool(shares) and sum(shares) / len(shares) > 0.5
+        costs = [c for w, c in zip(self._sched._cost.keys(), self._sched.costs()) if w in self._sched.active]
+        cost = sorted(costs)[len(costs) // 2] if costs else 0.0
+        if tuner.decide(now, sum(shares) * busy, cpu_bound, busy, cost):
+            self._apply_tuning()
+        self._tuned_at_busy = [self.worker_log.busy_s[w] for w in sorted(self._sched.active)]
+
+    def _apply_tuning(self) -> None:
+        wanted = self.tuner.workers
+        while self._started_workers < wanted:
+            self.pool.add(self._started_workers)
+            self._sched.add_worker(self._started_workers)
+            self._started_workers += 1
+        self._sched.active = set(range(wanted))
+
     # -- resume ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Where the loop is: the epoch, the batches of it already delivered, and what
@@ -364,6 +425,9 @@ class Engine:
             delivered = self._deliver_no if self._inline is None else plan.next_batch_no
         else:
             delivered = sorted(self._delivered)
+        count = delivered if isinstance(delivered, int) else len(delivered)
+        if count == self.planner.epoch_batches():  # all delivered; the loop just did not ask again
+            return dict(self.planner.state_of_next(), delivered=0)  # (Lightning stops at len(loader))
         return dict(self.planner.state(plan), delivered=delivered)
 
     def load(self, state: dict) -> None:

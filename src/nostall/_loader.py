@@ -11,7 +11,8 @@ import torch
 import torch.utils.data as tud
 
 from ._config import PoolConfig
-from . import _resume
+from ._distributed import advance_epoch, shard_sampler
+from . import _autotune, _resume
 from ._engine import Engine
 from ._plan import Planner
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
@@ -108,25 +109,55 @@ class DataLoader(tud.DataLoader):
         max_skipped_fraction=0.01,
         max_inflight_bytes=None,
     ):
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int):
-            raise TypeError(f"`num_workers` must be an int >= 0; got {num_workers!r}.")
+        auto_workers, auto_prefetch = num_workers == "auto", prefetch_factor == "auto"
+        if auto_workers:
+            num_workers = _autotune.MAX_WORKERS  # the most the tuner may use
+        if (isinstance(num_workers, bool) or not isinstance(num_workers, int)) and not auto_workers:
+            raise TypeError(f"`num_workers` must be an int >= 0 or 'auto'; got {num_workers!r}.")
+        if auto_prefetch:
+            if num_workers == 0:
+                raise ValueError("`prefetch_factor='auto'` needs worker processes; got num_workers=0.")
+            prefetch_factor = 2  # where the tuner starts
         if num_workers == 0 and timeout:
             raise ValueError(
                 f"`timeout` applies only to worker loading; got timeout={timeout} with "
                 "num_workers=0. Set num_workers > 0 or timeout=0."
             )
+        # Under torch.distributed each rank loads its own shard (see nostall._distributed).
+        self._nostall_shard_sampler = shard_sampler(
+            dataset, sampler=sampler, batch_sampler=batch_sampler, shuffle=shuffle,
+            drop_last=drop_last, generator=generator,
+        )
+        if self._nostall_shard_sampler is not None:
+            sampler, shuffle = self._nostall_shard_sampler, None  # torch refuses shuffle=True with a sampler
+        self._nostall_sampler_epoch = 0  # the sampler's epoch as nostall last set it
         explicit_persistent = bool(persistent_workers)
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         extra = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
-        super().__init__(
-            dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
-            pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
-            prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-            pin_memory_device=pin_memory_device, **extra,
-        )
+        with warnings.catch_warnings():
+            if auto_workers:  # torch's "more workers than CPUs" warning: "auto" starts few
+                warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+            super().__init__(
+                dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
+                pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                pin_memory_device=pin_memory_device, **extra,
+            )
+        if auto_workers and self._dataset_kind == 1:
+            raise ValueError(
+                "`num_workers='auto'` needs a map-style dataset: an iterable dataset shards its stream "
+                "by the number of workers, which 'auto' changes. Pass a number of workers."
+            )
         self.in_order = in_order
         self.worker_type = worker_type
+        # nostall's own arguments as attributes of the same names: frameworks that rebuild a
+        # loader from its attributes (Lightning under DDP) carry them over.
+        self.max_worker_restarts, self.hang_timeout, self.on_hang = max_worker_restarts, hang_timeout, on_hang
+        self.on_sample_error, self.max_skipped_fraction = on_sample_error, max_skipped_fraction
+        self.max_inflight_bytes = max_inflight_bytes
+        if auto_workers:
+            self.num_workers = "auto"  # the tuner's current choice is in loader.stats.tuner
         ctx = self.multiprocessing_context or torch.multiprocessing.get_context()
         self._config = PoolConfig(
             num_workers=num_workers,
@@ -143,8 +174,12 @@ class DataLoader(tud.DataLoader):
             on_sample_error=on_sample_error,
             max_skipped_fraction=max_skipped_fraction,
             max_inflight_bytes=max_inflight_bytes,
+            auto_workers=auto_workers,
+            auto_prefetch=auto_prefetch,
         )
         self._ctx = ctx
+        if auto_prefetch:
+            self.prefetch_factor = "auto"  # the tuner's current choice is in loader.stats.tuner
         # torch builds a RandomSampler itself for shuffle=True; nostall may give that
         # one (and only that one) a private generator after the first epoch.
         self._nostall_builtin_sampler = sampler is None and batch_sampler is None and bool(shuffle)
@@ -202,6 +237,11 @@ class DataLoader(tud.DataLoader):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._engine.load(state)
+            self._nostall_sampler_epoch = getattr(self.sampler, "epoch", 0)  # set by the restore
+        if self._nostall_shard_sampler is not None:  # nobody else can call its set_epoch
+            self._nostall_sampler_epoch = advance_epoch(
+                self._nostall_shard_sampler, self._engine.planner.epoch + 1, self._nostall_sampler_epoch
+            )
         plan = self._engine.begin_epoch()
         next_fn = functools.partial(self._engine.next_batch, plan)
         if self._recorder is None:

@@ -75,9 +75,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- #
-# Validation rules: one line per field. Allowing another value later (e.g.
-# num_workers: auto) means changing that field's line only, e.g.
-#     "num_workers": _Rule("an int >= 0 or 'auto'", _any(_int_from(0), _one_of("auto"))),
+# Validation rules: one line per field.
 # --------------------------------------------------------------------------- #
 
 
@@ -125,10 +123,10 @@ RULES: dict[str, _Rule] = {
     "batch_size": _Rule("an int >= 1", _int_from(1)),
     "shuffle": _BOOL,
     "drop_last": _BOOL,
-    "num_workers": _Rule("an int >= 0", _int_from(0)),
+    "num_workers": _Rule("an int >= 0 or 'auto'", _any(_int_from(0), _one_of("auto"))),
     # torch accepts 0 when building but its worker iterator refuses it.
     "prefetch_factor": _Rule(
-        "an int >= 1, or null for torch's default (2)", _or_none(_int_from(1))),
+        "an int >= 1, 'auto', or null for torch's default (2)", _or_none(_any(_int_from(1), _one_of("auto")))),
     "persistent_workers": _Rule(
         "true, false, or null (true when num_workers > 0)", _or_none(_is_bool)),
     "pin_memory": _BOOL,
@@ -166,9 +164,7 @@ class LoaderConfig:
         for name, rule in RULES.items():
             value = getattr(self, name)
             if not rule.accepts(value):
-                auto = isinstance(value, str) and value == "auto"
-                hint = " ('auto' is not supported yet)" if auto else ""
-                raise ConfigError(name, f"must be {rule.allowed}; got {value!r}.{hint}")
+                raise ConfigError(name, f"must be {rule.allowed}; got {value!r}.")
         # An int timeout (YAML `timeout: 5`) is stored as a float so to_yaml is stable.
         object.__setattr__(self, "timeout", float(self.timeout))
         # Combinations torch (or nostall) would refuse when the loader is built.

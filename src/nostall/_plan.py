@@ -199,6 +199,13 @@ class Planner:
             return itertools.repeat(self._loader.batch_size)
         return iter(index_sampler)
 
+    def epoch_batches(self) -> int | None:
+        """Batches an epoch holds (``len(loader)``), if known."""
+        try:
+            return None if self.iterable else len(self._loader)
+        except TypeError:
+            return None
+
     def epoch_samples(self) -> int | None:
         """Samples an epoch holds (map-style datasets with a sized sampler), else None."""
         if self.iterable:

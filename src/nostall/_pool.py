@@ -47,9 +47,10 @@ class ProcessPool:
     passes_attrs = True  # workers hold their own copy of the dataset
     can_restart = True
     poll_progressed = False
+    blocked = 0.0
 
-    def __init__(self, ctx, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
-        self.num_workers = num_workers
+    def __init__(self, ctx, spec: _worker.WorkSpec, num_workers: int, base_seed: int, start: int | None = None):
+        self.num_workers = num_workers  # what get_worker_info() says; ``start`` of them run at first
         method = ctx.get_start_method()
         if method != "fork" and _diagnose.in_spawned_bootstrap():
             # We are a spawned process re-importing the user's script, which starts a
@@ -84,8 +85,12 @@ class ProcessPool:
         self.pids: dict[int, int] = {}
         self._exits: dict[int, WorkerExit] = {}
         self._closed = False
-        for worker_id in range(num_workers):
+        for worker_id in range(num_workers if start is None else start):
             self._start_worker(worker_id)
+
+    def add(self, worker_id: int) -> None:
+        """Start one more worker (num_workers="auto")."""
+        self._start_worker(worker_id)
 
     def _start_worker(self, worker_id: int) -> None:
         mine, theirs = connection.Pipe(duplex=True)
@@ -103,8 +108,11 @@ class ProcessPool:
             pass  # the worker is gone; poll() reports it with its exit status
 
     def poll(self, timeout: float | None) -> list:
-        """Wait up to ``timeout`` seconds for results; return what has arrived."""
+        """Wait up to ``timeout`` seconds for results; return what has arrived.
+        ``blocked`` is how long it waited for the first one (not reading it)."""
+        started = time.monotonic()
         ready = connection.wait([*self._conns.values(), self._control], timeout)
+        self.blocked = time.monotonic() - started
         self.poll_progressed = bool(ready)
         out = []
         for conn in ready:
@@ -216,35 +224,44 @@ class ThreadPool:
     passes_attrs = False
     can_restart = False  # a thread stuck in user code cannot be stopped
     poll_progressed = False
+    blocked = 0.0
 
-    def __init__(self, spec: _worker.WorkSpec, num_workers: int, base_seed: int):
+    def __init__(self, spec: _worker.WorkSpec, num_workers: int, base_seed: int, start: int | None = None):
         _worker.install_thread_worker_info()
         self.num_workers = num_workers
+        self._spec, self._base_seed = spec, base_seed
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._inboxes = [queue.SimpleQueue() for _ in range(num_workers)]
-        self._threads = [
-            threading.Thread(
-                target=_worker.thread_main,
-                args=(self._inboxes[i], self._outbox, i, num_workers, base_seed, spec),
-                name=f"nostall-worker-{i}",
-                daemon=True,
-            )
-            for i in range(num_workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._inboxes: dict[int, queue.SimpleQueue] = {}
+        self._threads: dict[int, threading.Thread] = {}
         self.pids = {}
         self._closed = False
+        for worker_id in range(num_workers if start is None else start):
+            self.add(worker_id)
+
+    def add(self, worker_id: int) -> None:
+        """Start one more worker thread."""
+        self._inboxes[worker_id] = queue.SimpleQueue()
+        thread = threading.Thread(
+            target=_worker.thread_main,
+            args=(self._inboxes[worker_id], self._outbox, worker_id, self.num_workers, self._base_seed, self._spec),
+            name=f"nostall-worker-{worker_id}",
+            daemon=True,
+        )
+        self._threads[worker_id] = thread
+        thread.start()
 
     def submit(self, worker_id: int, msg) -> None:
         self._inboxes[worker_id].put(msg)
 
     def poll(self, timeout: float | None) -> list:
         self.poll_progressed = False
+        started = time.monotonic()
         try:
             out = [self._outbox.get(timeout=timeout)]
         except queue.Empty:
             return []
+        finally:
+            self.blocked = time.monotonic() - started
         while True:
             try:
                 out.append(self._outbox.get_nowait())
@@ -263,8 +280,8 @@ class ThreadPool:
         if self._closed:
             return
         self._closed = True
-        for inbox in self._inboxes:
+        for inbox in self._inboxes.values():
             inbox.put(None)
         deadline = time.monotonic() + 1.0
-        for thread in self._threads:
+        for thread in self._threads.values():
             thread.join(max(0.0, deadline - time.monotonic()))

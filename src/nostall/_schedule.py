@@ -41,16 +41,26 @@ class Scheduler:
         self._free_at = {w: 0.0 for w in range(num_workers)}  # when its queue is expected to drain
         self._last_done: dict[int, float] = {}
         self._cpus = usable_cpus().count if cpus is None else cpus
+        self.active = set(self.load)  # workers that get new batches (num_workers="auto" changes it)
         self._answers = 0
         self._next_check = 2 * num_workers
 
     def pick(self, now: float) -> int | None:
         """The worker that should get the next batch."""
-        if not self.load:
+        if not self.active:
             return None
-        if len(self._cost) < len(self.load):
-            return min(self.load, key=self.load.__getitem__)
-        return min(self._cost, key=lambda w: max(self._free_at[w], now) + self._cost[w])
+        if any(w not in self._cost for w in self.active):
+            return min(self.active, key=self.load.__getitem__)
+        return min(self.active, key=lambda w: max(self._free_at[w], now) + self._cost[w])
+
+    def add_worker(self, worker_id: int) -> None:
+        """A worker started after the pool (num_workers="auto"); not active until made so."""
+        self.load.setdefault(worker_id, 0)
+        self._free_at.setdefault(worker_id, 0.0)
+
+    def cpu_shares(self, workers) -> list[float]:
+        """Recent CPU seconds per second of batch, of ``workers`` that reported one."""
+        return [self._cpu_share[w] for w in workers if w in self._cpu_share]
 
     def reset(self, worker_id: int) -> None:
         """A new worker took this id: nothing queued, phase unknown (its cost is kept)."""
@@ -99,7 +109,8 @@ class Scheduler:
     def _spread(self, now: float) -> dict[int, float]:
         n = len(self.load)
         period = statistics.median(self._cost.values())
-        if period <= 0.0 or any(now - t > 1.5 * period for t in self._last_done.values()):
+        if period <= 0.0 or len(self.active) != len(self.load) or any(
+                now - t > 1.5 * period for t in self._last_done.values()):
             return {}  # someone was idle (the loop is the bottleneck): phases do not matter
         if sum(self._cpu_share.values()) < _SATURATED * self._cpus:
             return {}  # the workers mostly wait: idling one would cost throughput

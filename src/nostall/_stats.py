@@ -86,6 +86,7 @@ class WorkerLog:
     def __init__(self, num_workers: int, window: int, supervisor=None) -> None:
         self.started = _clock()
         self.supervisor = supervisor  # restarts and skipped samples (``_supervise.Supervisor``)
+        self.tuner = None  # num_workers="auto" (``_autotune.AutoTuner``)
         self.window = window
         self.busy_s = [0.0] * num_workers
         self.batches = [0] * num_workers
@@ -324,7 +325,8 @@ class LoaderStats:
         if workers is None or not workers.busy_s:
             return None
         elapsed = max(_clock() - workers.started, 1e-9)
-        return [min(1.0, busy / elapsed) for busy in workers.busy_s]
+        used = max((w for w, n in enumerate(workers.batches) if n), default=len(workers.busy_s) - 1) + 1
+        return [min(1.0, busy / elapsed) for busy in workers.busy_s[:used]]  # "auto" may start fewer
 
     @property
     def in_flight(self) -> dict | None:
@@ -334,6 +336,14 @@ class LoaderStats:
             return None
         return {"mean": workers.in_flight_sum / workers.deliveries, "max": workers.in_flight_max,
                 "window": workers.window}
+
+    @property
+    def tuner(self) -> list[dict]:
+        """num_workers="auto": each change (seconds since start, workers, prefetch, reason)."""
+        workers = self._rec.workers()
+        if workers is None or workers.tuner is None:
+            return []
+        return [dict(vars(d)) for d in workers.tuner.decisions]
 
     @property
     def restarts(self) -> list[str]:
@@ -386,6 +396,7 @@ class LoaderStats:
             "num_workers": self.num_workers,
             "worker_busy": self.worker_busy,
             "in_flight": self.in_flight,
+            "tuner": self.tuner,
             "restarts": self.restarts,
             "skipped": self.skipped,
             "peak_memory_mb": self.peak_memory_mb,
@@ -416,6 +427,10 @@ class LoaderStats:
         if flight is not None:
             lines.append(f"batches in flight: mean {flight['mean']:.1f}, max {flight['max']} "
                          f"(window {flight['window']})")
+        if self.tuner:
+            last = self.tuner[-1]
+            lines.append(f"auto: {last['workers']} workers, prefetch {last['prefetch']} after "
+                         f"{len(self.tuner)} change(s); last: {last['reason']}")
         if self.restarts:
             lines.append(f"worker restarts: {len(self.restarts)}; last: {self.restarts[-1]}")
         if self.skipped:

@@ -1,0 +1,108 @@
+"""num_workers="auto" / prefetch_factor="auto": the tuner's rules, and real loaders using it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import assert_same_epochs
+from datasets import Indexed, SimpleIterable, Sleepy
+
+import nostall
+from nostall._autotune import AutoTuner
+
+
+def _period(tuner: AutoTuner, now: float, waiting: float, batches_per_s: float, *, cpu_used=0.1,
+            cpu_bound=False, busy=1.0, cost=0.1) -> bool:
+    """Feed one control period of 1 s in which the loop waited ``waiting`` of its time."""
+    n = int(batches_per_s)
+    for _ in range(n):
+        tuner.observe(waiting / n, (1 - waiting) / n)
+    tuner._period_start = now - 1.0
+    return tuner.decide(now, cpu_used, cpu_bound, busy, cost)
+
+
+def test_grows_in_doubling_steps_while_it_pays_then_steps_back():
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=2)
+    assert _period(t, 1, 0.9, 10) and t.workers == 3
+    assert _period(t, 2, 0.9, 15) and t.workers == 5  # paid off: the next step is 2
+    assert _period(t, 3, 0.9, 25) and t.workers == 9  # and then 4
+    assert _period(t, 4, 0.9, 25.5) and t.workers == 5  # 4 more did not pay: back, and no more
+    assert not _period(t, 5, 0.9, 25) and t.workers == 5  # ... nothing to add under the ceiling?
+    assert [d.workers for d in t.decisions] == [3, 5, 9, 5]
+    assert "did not raise the rate" in t.decisions[-1].reason
+
+
+def test_cpu_bound_workers_are_not_added_beyond_the_budget():
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=2)
+    assert not _period(t, 1, 0.5, 10, cpu_used=1.95, cpu_bound=True, busy=0.97)
+    # The same figures from workers that mostly wait on I/O: more workers can help.
+    assert _period(t, 2, 0.5, 10, cpu_used=0.2, cpu_bound=False, busy=0.97) and t.workers == 3
+
+
+def test_shrinks_when_the_loop_never_waits_and_comes_back_when_it_does():
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=3)
+    assert _period(t, 1, 0.0, 10) and t.workers == 2
+    assert _period(t, 2, 0.0, 10) and t.workers == 1
+    assert not _period(t, 3, 0.0, 10) and t.workers == 1  # the fewest
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=3)
+    assert _period(t, 1, 0.0, 10) and t.workers == 2
+    assert _period(t, 2, 0.2, 8) and t.workers == 3  # fewer made the loop wait: back
+    assert not _period(t, 3, 0.0, 10) and t.workers == 3  # and it stays
+
+
+def test_a_larger_window_when_the_loop_waits_on_idle_workers():
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=2, prefetch=2)
+    assert _period(t, 1, 0.3, 10, busy=0.4) and (t.workers, t.prefetch) == (2, 3)
+
+
+def test_a_change_of_cost_lets_it_learn_again():
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=2)
+    _period(t, 1, 0.9, 10, cost=0.1)
+    _period(t, 2, 0.9, 10, cost=0.1)  # the added worker did not pay: ceiling 2
+    assert t.workers == 2 and not _period(t, 3, 0.9, 10, cost=0.1)
+    assert _period(t, 4, 0.9, 10, cost=0.25) and t.workers == 3  # the samples got costlier
+    assert any("cost per batch changed" in d.reason for d in t.decisions)
+
+
+# --------------------------------------------------------------------------- real loaders
+
+
+@pytest.mark.timeout(120)
+def test_auto_grows_on_a_latency_bound_dataset_and_keeps_the_batches():
+    dataset = Sleepy(1200, 0.004)  # each sample waits 4 ms, as a remote read would
+    kw = dict(batch_size=8, shuffle=True)
+    reference = [list(nostall.DataLoader(dataset, generator=torch.Generator().manual_seed(1), **kw))
+                 for _ in range(1)]
+    with nostall.DataLoader(dataset, num_workers="auto", generator=torch.Generator().manual_seed(1),
+                            **kw) as loader:
+        assert loader.num_workers == "auto"
+        got = [list(loader)]
+        decisions = loader.stats.tuner
+    assert_same_epochs(reference, got)  # tuning never changes a batch
+    assert decisions and max(d["workers"] for d in decisions) >= 4
+    assert "the loop waits" in decisions[0]["reason"]
+
+
+@pytest.mark.timeout(120)
+def test_auto_shrinks_when_the_training_step_is_the_bottleneck():
+    with nostall.DataLoader(Indexed(4000), batch_size=4, num_workers="auto") as loader:
+        started = time.monotonic()
+        for _ in loader:
+            time.sleep(0.02)  # the step, far slower than making a batch
+            if loader.stats.tuner and loader.stats.tuner[-1]["workers"] == 1:
+                break
+            if time.monotonic() - started > 60:
+                break
+        last = loader.stats.tuner[-1]
+    assert last["workers"] == 1 and "trying one worker fewer" in last["reason"]
+
+
+def test_auto_arguments():
+    with pytest.raises(ValueError, match="`num_workers='auto'` needs a map-style dataset"):
+        nostall.DataLoader(SimpleIterable(10), num_workers="auto")
+    with pytest.raises(ValueError, match="`prefetch_factor='auto'` needs worker processes; got num_workers=0"):
+        nostall.DataLoader(Indexed(10), prefetch_factor="auto")
+    with pytest.raises(TypeError, match="`num_workers` must be an int >= 0 or 'auto'; got 'many'"):
+        nostall.DataLoader(Indexed(10), num_workers="many")
