@@ -27,7 +27,7 @@ from torch.utils.data._utils.pin_memory import pin_memory as _pin
 from . import _diagnose, _limits, _seeding, _transport
 from ._autotune import AutoTuner, initial_workers
 from ._config import PoolConfig
-from ._cpus import usable_cpus
+from ._distributed import local_cpu_budget
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
 from ._schedule import Scheduler
@@ -151,7 +151,7 @@ class Engine:
         start = None
         if self.config.auto_workers or self.config.auto_prefetch:
             if self.tuner is None:
-                budget = usable_cpus().count
+                budget = local_cpu_budget()  # usable CPUs shared among this machine's ranks
                 first = initial_workers(budget, n) if self.config.auto_workers else n
                 self.tuner = AutoTuner(n, budget, first, self.config.prefetch_factor or 2,
                                        tune_workers=self.config.auto_workers,
