@@ -23,15 +23,27 @@ def _period(tuner: AutoTuner, now: float, waiting: float, batches_per_s: float, 
     return tuner.decide(now, cpu_used, cpu_bound, busy, cost)
 
 
+def _settle(tuner: AutoTuner, now: float) -> None:
+    """The period after a change is not judged (new workers are starting)."""
+    assert not _period(tuner, now, 0.5, 10)
+
+
 def test_grows_in_doubling_steps_while_it_pays_then_steps_back():
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=2)
     assert _period(t, 1, 0.9, 10) and t.workers == 3
+    _settle(t, 1.5)
     assert _period(t, 2, 0.9, 15) and t.workers == 5  # paid off: the next step is 2
+    _settle(t, 2.5)
     assert _period(t, 3, 0.9, 25) and t.workers == 9  # and then 4
+    _settle(t, 3.5)
     assert _period(t, 4, 0.9, 25.5) and t.workers == 5  # 4 more did not pay: back, and no more
-    assert not _period(t, 5, 0.9, 25) and t.workers == 5  # ... nothing to add under the ceiling?
-    assert [d.workers for d in t.decisions] == [3, 5, 9, 5]
-    assert "did not raise the rate" in t.decisions[-1].reason
+    _settle(t, 4.5)
+    assert not _period(t, 5, 0.9, 25) and t.workers == 5  # at the ceiling it learnt
+    for k in range(9):  # ... until the loop has waited there for RETRY_PERIODS periods
+        _period(t, 6 + k, 0.9, 25)
+    assert t.workers == 6  # then it tries above it again
+    assert [d.workers for d in t.decisions] == [3, 5, 9, 5, 6]
+    assert "did not raise the rate" in t.decisions[3].reason
 
 
 def test_cpu_bound_workers_are_not_added_beyond_the_budget():
@@ -44,10 +56,13 @@ def test_cpu_bound_workers_are_not_added_beyond_the_budget():
 def test_shrinks_when_the_loop_never_waits_and_comes_back_when_it_does():
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=3)
     assert _period(t, 1, 0.0, 10) and t.workers == 2
+    assert not _period(t, 1.5, 0.0, 10)  # settling
     assert _period(t, 2, 0.0, 10) and t.workers == 1
+    assert not _period(t, 2.5, 0.0, 10)
     assert not _period(t, 3, 0.0, 10) and t.workers == 1  # the fewest
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=3)
     assert _period(t, 1, 0.0, 10) and t.workers == 2
+    assert not _period(t, 1.5, 0.2, 8)  # settling
     assert _period(t, 2, 0.2, 8) and t.workers == 3  # fewer made the loop wait: back
     assert not _period(t, 3, 0.0, 10) and t.workers == 3  # and it stays
 
@@ -60,7 +75,8 @@ def test_a_larger_window_when_the_loop_waits_on_idle_workers():
 def test_a_change_of_cost_lets_it_learn_again():
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=2)
     _period(t, 1, 0.9, 10, cost=0.1)
-    _period(t, 2, 0.9, 10, cost=0.1)  # the added worker did not pay: ceiling 2
+    _period(t, 1.5, 0.9, 10, cost=0.1)  # settling
+    _period(t, 2, 0.9, 10, cost=0.1)  # the added worker did not pay: back to 2, ceiling 2
     assert t.workers == 2 and not _period(t, 3, 0.9, 10, cost=0.1)
     assert _period(t, 4, 0.9, 10, cost=0.25) and t.workers == 3  # the samples got costlier
     assert any("cost per batch changed" in d.reason for d in t.decisions)

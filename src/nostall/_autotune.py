@@ -8,7 +8,9 @@ for data, the batches delivered per second, and the CPU the workers used. Then:
   (workers that mostly wait on I/O do not count against it); each step that
   raised the delivery rate by ``GAIN`` doubles the next step (1, 2, 4, ... workers),
   so a latency-bound dataset reaches 32 workers in a few seconds; a step that did
-  not is taken back, and growing stops there;
+  not is taken back, and growing stops there (for ``RETRY_PERIODS`` periods of
+  waiting). A change is judged on the period after the next one: new workers
+  need a batch's time to start delivering;
 * the loop waits although the workers are mostly idle: the window is too small,
   raise ``prefetch_factor`` (up to ``MAX_PREFETCH``);
 * the loop never waits (under ``IDLE``): try one worker fewer; if the loop then
@@ -33,8 +35,9 @@ WAITING = 0.05  # the loop waits more than this share of its time: more parallel
 IDLE = 0.01  # the loop waits less than this: fewer workers may do
 GAIN = 1.05  # an added worker must raise the delivery rate this much to stay
 MAX_PREFETCH = 4
-CPU_FULL = 0.9  # share of the CPU budget beyond which CPU-bound workers are not added
+CPU_FULL = 0.75  # share of the CPU budget beyond which CPU-bound workers are not added
 COST_CHANGE = 1.6  # a batch this many times costlier (or cheaper) than when limits were learnt
+RETRY_PERIODS = 10  # periods of waiting at a learnt ceiling before trying above it again
 
 
 @dataclass
@@ -70,6 +73,8 @@ class AutoTuner:
     _cost: float = 0.0  # seconds per batch when the limits were learnt (0: no limits learnt)
     _batch_cost: float = 0.0  # seconds per batch in the last period
     _step: int = 1  # workers the next addition adds
+    _settling: bool = False  # the period after a change, not judged
+    _at_ceiling: int = 0  # periods the loop waited with growth stopped
     _before: int = 0  # workers before the last addition
     def __post_init__(self) -> None:
         self._ceiling = self.max_workers
@@ -104,6 +109,10 @@ class AutoTuner:
             self._cost = 0.0
         self._batch_cost = batch_cost
         pending, self._pending = self._pending, ""
+        if pending in ("add", "remove") and not self._settling:
+            self._settling, self._pending = True, pending  # new workers are still starting: judge
+            return False  # the change on the next period
+        self._settling = False
         if pending == "add" and rate < GAIN * self._last_rate:
             self._ceiling, self._step, self._cost = self._before, 1, batch_cost
             return self._set(now, self._before, self.prefetch,
@@ -121,8 +130,12 @@ class AutoTuner:
                 return self._set(now, self.workers, self.prefetch + 1,
                                  f"the loop waits {waiting:.0%} while workers are busy only {busy:.0%}: "
                                  "a larger window")
-            if self.tune_workers and self.workers < self._ceiling and not (
-                    cpu_bound and cpu_used >= CPU_FULL * self.cpu_budget):
+            cpu_full = cpu_bound and cpu_used >= CPU_FULL * self.cpu_budget
+            if self.tune_workers and self.workers >= self._ceiling and not cpu_full:
+                self._at_ceiling += 1
+                if self._at_ceiling >= RETRY_PERIODS:  # still waiting: the limit may have been noise
+                    self._ceiling, self._at_ceiling = self.max_workers, 0
+            if self.tune_workers and self.workers < self._ceiling and not cpu_full:
                 self._pending, self._before = "add", self.workers
                 return self._set(now, min(self._ceiling, self.workers + self._step), self.prefetch,
                                  f"the loop waits {waiting:.0%} for data ({rate:.1f} batches/s)")

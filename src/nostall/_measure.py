@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nostall._config import START_METHODS
 from nostall._cpus import usable_cpus
 from nostall._memory import ProcessTreeMemory
 from nostall._stats import batch_len
@@ -78,7 +79,6 @@ __all__ = [
 ]
 
 LOADERS = ("torch", "nostall")
-START_METHODS = ("fork", "spawn", "forkserver")
 _MB = 1024.0 * 1024.0
 
 
