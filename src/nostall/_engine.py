@@ -168,6 +168,7 @@ class Engine:
                 for w in range(n):
                     self.pool.submit(w, PipeOnly(self._pipe_only))
         self._started_workers = n if start is None else start
+        self.worker_log.started_workers = self._started_workers
         self._sched = Scheduler(self._started_workers)
         self._last_done = {}
         self.supervisor.pool_started()
@@ -412,6 +413,7 @@ class Engine:
             self.pool.add(self._started_workers)
             self._sched.add_worker(self._started_workers)
             self._started_workers += 1
+        self.worker_log.started_workers = self._started_workers
         self._sched.active = set(range(wanted))
 
     # -- resume ------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class WorkerLog:
         self.tuner = None  # num_workers="auto" (``_autotune.AutoTuner``)
         self.window = window
         self.busy_s = [0.0] * num_workers
+        self.started_workers = num_workers  # num_workers="auto" starts fewer, and more later
         self.batches = [0] * num_workers
         self.in_flight_sum = 0
         self.in_flight_max = 0
@@ -325,8 +326,7 @@ class LoaderStats:
         if workers is None or not workers.busy_s:
             return None
         elapsed = max(_clock() - workers.started, 1e-9)
-        used = max((w for w, n in enumerate(workers.batches) if n), default=len(workers.busy_s) - 1) + 1
-        return [min(1.0, busy / elapsed) for busy in workers.busy_s[:used]]  # "auto" may start fewer
+        return [min(1.0, busy / elapsed) for busy in workers.busy_s[:workers.started_workers]]
 
     @property
     def in_flight(self) -> dict | None:
