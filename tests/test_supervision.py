@@ -355,3 +355,24 @@ def test_low_open_files_limit(tmp_path, hard):
         assert run.returncode == 0, run.stderr[-3000:]
         ok, samples, soft = run.stdout.split()
         assert samples == "64" and int(soft) > 40
+
+
+def test_shared_memory_stranded_by_a_killed_worker_is_removed():
+    """torch names a worker's shared tensors /dev/shm/torch_<pid>_...; one killed while
+    creating a tensor leaves the file behind. Only that pid's files go."""
+    from nostall._limits import remove_stranded_shm
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = f"/dev/shm/torch_{dead.pid}_123_0"
+    other = f"/dev/shm/torch_{dead.pid}0_123_0"  # another pid that starts with the same digits
+    for path in (mine, other):
+        with open(path, "wb") as fh:
+            fh.write(b"x" * 16)
+    try:
+        assert remove_stranded_shm(dead.pid) == 1
+        assert not os.path.exists(mine) and os.path.exists(other)
+    finally:
+        for path in (mine, other):
+            if os.path.exists(path):
+                os.unlink(path)

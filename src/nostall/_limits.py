@@ -58,3 +58,28 @@ def shm_size_bytes() -> int | None:
     except OSError:
         return None
     return st.f_blocks * st.f_frsize
+
+
+def remove_stranded_shm(pid: int | None) -> int:
+    """Delete the shared-memory files a dead worker ``pid`` was still creating.
+
+    torch names them ``/dev/shm/torch_<pid>_...`` and unlinks each right after
+    creating it; a worker killed in between leaves one behind for good. Once the
+    worker is gone nobody can open it any more, so removing it frees its memory.
+    """
+    if pid is None:
+        return 0
+    removed = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0
+    prefix = f"torch_{pid}_"
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                removed += 1
+            except OSError:
+                pass
+    return removed

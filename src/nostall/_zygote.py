@@ -22,7 +22,7 @@ import signal
 import time
 from multiprocessing import connection, reduction
 
-from . import _worker
+from . import _limits, _worker
 
 _PR_SET_PDEATHSIG = 1
 _EXIT_GRACE_S = 0.5  # how long workers get to finish their batch when the loader closes
@@ -79,6 +79,8 @@ def factory_main(control, num_workers: int, base_seed: int, spec, parent_end=Non
                 else:
                     worker_id, proc = workers.pop(obj)
                     proc.join()
+                    if proc.exitcode < 0:  # killed: it may have been making a shared tensor
+                        _limits.remove_stranded_shm(proc.pid)
                     try:
                         control.send(("exited", worker_id, proc.pid, proc.exitcode))
                     except OSError:
@@ -94,3 +96,5 @@ def factory_main(control, num_workers: int, base_seed: int, spec, parent_end=Non
                 proc.kill()  # stuck in dataset code: it cannot finish by itself
         for _, proc in workers.values():
             proc.join(1.0)
+            if proc.exitcode is not None and proc.exitcode < 0:
+                _limits.remove_stranded_shm(proc.pid)  # killed: it may have been making a shared tensor
