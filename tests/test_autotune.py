@@ -19,7 +19,7 @@ def _period(tuner: AutoTuner, now: float, waiting: float, batches_per_s: float, 
     n = int(batches_per_s)
     for _ in range(n):
         tuner.observe(waiting / n, (1 - waiting) / n)
-    tuner._period_start = now - 1.0
+    tuner.period_start = now - 1.0
     return tuner.decide(now, cpu_used, cpu_bound, busy, cost)
 
 

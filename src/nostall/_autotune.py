@@ -62,7 +62,7 @@ class AutoTuner:
     tune_prefetch: bool = True
     decisions: list = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic)
-    _period_start: float = 0.0
+    period_start: float = 0.0  # when the current control period began (monotonic s)
     _wait: float = 0.0
     _work: float = 0.0
     _batches: int = 0
@@ -78,7 +78,7 @@ class AutoTuner:
     _before: int = 0  # workers before the last addition
     def __post_init__(self) -> None:
         self._ceiling = self.max_workers
-        self._period_start = time.monotonic()
+        self.period_start = time.monotonic()
 
     def observe(self, wait_s: float, work_s: float) -> None:
         """One delivered batch: the loop waited ``wait_s`` for it after ``work_s`` of its own."""
@@ -88,7 +88,7 @@ class AutoTuner:
 
     def due(self, now: float) -> bool:
         """Whether a control period is over (long enough for a new worker's first batch)."""
-        return (now - self._period_start >= max(PERIOD_S, 2 * self._batch_cost)
+        return (now - self.period_start >= max(PERIOD_S, 2 * self._batch_cost)
                 and self._batches >= max(4, self.workers))
 
     def decide(self, now: float, cpu_used: float, cpu_bound: bool, busy: float, batch_cost: float) -> bool:
@@ -100,8 +100,8 @@ class AutoTuner:
         """
         total = self._wait + self._work
         waiting = self._wait / total if total > 0 else 0.0
-        rate = self._batches / max(now - self._period_start, 1e-9)
-        self._period_start, self._wait, self._work, self._batches = now, 0.0, 0.0, 0
+        rate = self._batches / max(now - self.period_start, 1e-9)
+        self.period_start, self._wait, self._work, self._batches = now, 0.0, 0.0, 0
         if self._cost and batch_cost and not self._cost / COST_CHANGE < batch_cost < self._cost * COST_CHANGE:
             self._ceiling, self._floor, self._step = self.max_workers, 1, 1  # the workload changed
             self._note(now, f"the cost per batch changed from {self._cost:.3g} s to {batch_cost:.3g} s: "

@@ -99,23 +99,13 @@ def dataset_fields(args: argparse.Namespace) -> dict[str, Any]:
 def sweep_specs(args: argparse.Namespace) -> list[RunSpec]:
     """The configurations of a sweep: for each num_workers and start method, torch
     transient and/or persistent (``--persistent``), then nostall."""
-    common = dict(dataset_fields(args), epochs=args.epochs, batches_per_epoch=args.batches)
     persist = {"both": (False, True), "on": (True,), "off": (False,)}[args.persistent]
-    specs: list[RunSpec] = []
-    for nw in args.workers:
-        if nw == 0:
-            specs.extend(RunSpec(loader=loader, num_workers=0, **common) for loader in args.loaders)
-            continue
-        for method in args.start_methods:
-            for loader in args.loaders:
-                if loader == "torch":
-                    specs.extend(RunSpec(loader="torch", num_workers=nw, start_method=method,
-                                         persistent=p, **common) for p in persist)
-                else:  # nostall persists by default; off only when asked for off alone
-                    persistent = False if args.persistent == "off" else None
-                    specs.append(RunSpec(loader=loader, num_workers=nw, start_method=method,
-                                         persistent=persistent, **common))
-    return specs
+    return _measure.comparison_specs(
+        workers=args.workers, start_methods=args.start_methods, loaders=args.loaders,
+        torch_persistent=persist,
+        nostall_persistent=False if args.persistent == "off" else None,  # nostall persists by default
+        **dataset_fields(args), epochs=args.epochs, batches_per_epoch=args.batches,
+    )
 
 
 def non_negative_int(text: str) -> int:

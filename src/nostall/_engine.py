@@ -394,15 +394,15 @@ class Engine:
         active = sorted(self._sched.active)
         busy_now = [self.worker_log.busy_s[w] for w in active]
         before = self._tuned_at_busy
-        span = now - tuner._period_start
+        span = now - tuner.period_start
         if len(before) == len(busy_now) and span > 0:
             busy = sum(b - a for a, b in zip(before, busy_now)) / (span * len(active))
         else:
             busy = 1.0  # the set of workers changed: no comparable figure this period
         shares = self._sched.cpu_shares(active)
         cpu_bound = bool(shares) and sum(shares) / len(shares) > 0.5
-        costs = [c for w, c in zip(self._sched._cost.keys(), self._sched.costs()) if w in self._sched.active]
-        cost = sorted(costs)[len(costs) // 2] if costs else 0.0
+        costs = sorted(self._sched.costs(self._sched.active))
+        cost = costs[len(costs) // 2] if costs else 0.0
         if tuner.decide(now, sum(shares) * busy, cpu_bound, busy, cost):
             self._apply_tuning()
         self._tuned_at_busy = [self.worker_log.busy_s[w] for w in sorted(self._sched.active)]
@@ -530,7 +530,7 @@ class Engine:
         if not self._inflight:
             return
         now = time.monotonic()
-        threshold, how = self.supervisor.hang_threshold(list(self._sched.costs()))
+        threshold, how = self.supervisor.hang_threshold(self._sched.costs())
         oldest: dict[int, tuple] = {}
         for tid, task in self._inflight.items():
             if task.wanted and (task.worker_id not in oldest or tid < oldest[task.worker_id][0]):

@@ -649,15 +649,17 @@ def comparison_specs(
     workers: Sequence[int],
     start_methods: Sequence[str],
     loaders: Sequence[str] = LOADERS,
+    torch_persistent: Sequence[bool] = (False, True),
+    nostall_persistent: bool | None = None,
     **common: Any,
 ) -> list[RunSpec]:
     """The side-by-side matrix, grouped so rows to compare sit together.
 
     For ``num_workers == 0``: one row per loader (no start method, nothing to
-    persist). For each ``num_workers > 0`` and start method: torch with
-    transient workers (its default), torch with ``persistent_workers=True``,
-    then nostall with its defaults (persistent). ``common`` goes to every
-    :class:`RunSpec`.
+    persist). For each ``num_workers > 0`` and start method: torch once per
+    ``torch_persistent`` value (by default transient, its default, then
+    ``persistent_workers=True``), then nostall with ``nostall_persistent``
+    (None: its default, persistent). ``common`` goes to every :class:`RunSpec`.
     """
     specs: list[RunSpec] = []
     for nw in workers:
@@ -668,11 +670,12 @@ def comparison_specs(
         for method in start_methods:
             for loader in loaders:
                 if loader == "torch":
-                    for persistent in (False, True):
+                    for persistent in torch_persistent:
                         specs.append(RunSpec(loader="torch", num_workers=nw, start_method=method,
                                              persistent=persistent, **common))
                 else:
-                    specs.append(RunSpec(loader=loader, num_workers=nw, start_method=method, **common))
+                    specs.append(RunSpec(loader=loader, num_workers=nw, start_method=method,
+                                         persistent=nostall_persistent, **common))
     return specs
 
 

@@ -68,9 +68,9 @@ class Scheduler:
         self._free_at[worker_id] = 0.0
         self._last_done.pop(worker_id, None)
 
-    def costs(self):
-        """Each worker's recent seconds per batch (for the hang threshold)."""
-        return self._cost.values()
+    def costs(self, workers=None) -> list[float]:
+        """Recent seconds per batch of ``workers`` (default: all) that reported one."""
+        return [c for w, c in self._cost.items() if workers is None or w in workers]
 
     def submitted(self, worker_id: int, now: float) -> None:
         """Record a task sent to ``worker_id``."""
