@@ -108,15 +108,19 @@ def test_state_is_small_and_checked():
         next(it)
     state = loader.state_dict()
     assert len(pickle.dumps(state)) < 20_000
-    assert state["version"] == 1 and state["epoch"] == 0 and state["delivered"] == 10
+    assert state["version"] == 2 and state["epoch"] == 0 and state["delivered"] == 10
     with pytest.raises(ValueError, match=r"batch_size: saved 4, this loader 8"):
         nostall.DataLoader(dataset, batch_size=8, shuffle=True).load_state_dict(state)
     with pytest.raises(ValueError, match=r"dataset_len: saved 100000, this loader 99"):
         _loader(Indexed(99), 0).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"version 0; this nostall reads version 1"):
+    with pytest.raises(ValueError, match=r"version 0; this nostall reads version 2"):
         _loader(dataset, 0).load_state_dict(dict(state, version=0))
     with pytest.raises(ValueError, match=r"must be the dict loader.state_dict\(\) returned; got list"):
         _loader(dataset, 0).load_state_dict([])
+    with pytest.raises(ValueError, match=r"`state\['streams'\]` holds the positions of an iterable dataset"):
+        _loader(dataset, 0).load_state_dict(dict(state, streams={"num_workers": 0}))
+    with pytest.raises(ValueError, match=r"`state\['delivered'\]` must be an int >= 0 or a list"):
+        _loader(dataset, 0).load_state_dict(dict(state, delivered=-1))
     fresh = _loader(dataset, 0).state_dict()
     assert fresh["fresh"] is True
 
@@ -140,16 +144,19 @@ class Counting(IterableDataset):
         self.pos = state["pos"]
 
 
-def test_iterable_dataset_resumes_through_its_own_state():
-    loader = nostall.DataLoader(Counting(20), batch_size=3)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterable_dataset_resumes_through_its_own_state(num_workers):
+    """Unsharded, every worker yields the whole stream (as torch): each resumes its own."""
+    kw = {"batch_size": 3, "num_workers": num_workers}
+    with nostall.DataLoader(Counting(20), **kw) as loader:
+        expected = [b.tolist() for b in loader]
+    loader = nostall.DataLoader(Counting(20), **kw)
     it = iter(loader)
     part = [next(it).tolist() for _ in range(3)]
     state = loader.state_dict()
-    again = nostall.DataLoader(Counting(20), batch_size=3)
-    again.load_state_dict(state)
-    rest = [b.tolist() for b in again]
-    assert flat_indices(part + rest) == list(range(20))
-    with pytest.raises(ValueError, match="resuming an iterable dataset needs num_workers=0"):
-        workers = nostall.DataLoader(Counting(20), batch_size=3, num_workers=2)
-        workers.load_state_dict(state)
-        iter(workers)
+    loader.close()
+    with nostall.DataLoader(Counting(20), **kw) as again:
+        again.load_state_dict(state)
+        rest = [b.tolist() for b in again]
+    assert part + rest == expected
+    assert sorted(flat_indices(part + rest)) == sorted(list(range(20)) * max(1, num_workers))

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from . import _diagnose, _limits, _seeding, _transport
+from . import _diagnose, _limits, _resume, _seeding, _transport
 from ._autotune import AutoTuner, initial_workers
 from ._config import PoolConfig
 from ._distributed import local_cpu_budget
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool, WorkerExit
+from ._resume import Streams
 from ._schedule import Scheduler
 from ._stats import WorkerLog
 from ._supervise import Supervisor
-from ._worker import BatchMaker, Pause, PipeOnly, Result, Task, WorkSpec
+from ._worker import BatchMaker, Pause, PipeOnly, Result, Resume, Task, WorkSpec
 
 
 _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not worth a warning
@@ -102,7 +103,10 @@ class Engine:
         self._shm_checked = False
         self._epoch_over = False  # the current epoch raised StopIteration
         self._delivered: set = set()  # batch numbers delivered this epoch (in_order=False)
-        self._resume = None  # batches of the resumed epoch already delivered before the save
+        self._resume = None  # the loaded state, applied by the next begin_epoch
+        self._prefix = 0  # in_order=False: batches 0.._prefix-1 are all delivered (see _delivered_prefix)
+        self._streams: Streams | None = None  # iterable datasets: each worker's position (for resume)
+        self._made_by: dict = {}  # iterable datasets: key of a ready batch -> (worker, state, ended)
         self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
         self.tuner: AutoTuner | None = None  # num_workers="auto" / prefetch_factor="auto"
         self._started_workers = 0
@@ -130,9 +134,10 @@ class Engine:
         self._skipped = set()
         self._epoch_over = False
         self._delivered = set()
-        if self._resume is not None:
-            self._skip_delivered(plan, self._resume)
-            self._resume = None
+        self._prefix = 0
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._skip_delivered(plan, resume)
         self._epoch_samples = self.planner.epoch_samples()
         if self.worker_log is None:
             self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor)
@@ -142,8 +147,7 @@ class Engine:
         elif self.pool is None:
             self._start_pool()
         if self.planner.iterable:
-            self._active = set(range(self.config.num_workers))
-            self._rr = itertools.cycle(range(self.config.num_workers))
+            self._begin_streams(plan, resume["streams"] if resume is not None else None)
         return plan
 
     def _start_pool(self) -> None:
@@ -244,6 +248,10 @@ class Engine:
                 self.supervisor.record_skipped(plan, batch_no, result.skipped, self._epoch_samples)
             if result.kind == "empty":
                 continue
+            if self._streams is not None:
+                self._streams.delivered(0, result.state, result.ended)
+            elif plan.sampler_states is not None:
+                plan.forget_before(batch_no)
             return self._deliver(result)
 
     def _take_ready(self, plan: EpochPlan):
@@ -258,6 +266,8 @@ class Engine:
                 if key[0] == plan.serial:
                     del self._arrivals[i]
                     self._delivered.add(key[1])
+                    if self._streams is not None or plan.sampler_states is not None:
+                        self._track_delivery(plan, key)
                     return self._ready.pop(key)
             return None
         while self._deliver_no in self._skipped:
@@ -266,7 +276,24 @@ class Engine:
         result = self._ready.pop((plan.serial, self._deliver_no), None)
         if result is not None:
             self._deliver_no += 1
+            if self._streams is not None or plan.sampler_states is not None:
+                self._track_delivery(plan, (plan.serial, self._deliver_no - 1))
         return result
+
+    def _track_delivery(self, plan: EpochPlan, key: tuple) -> None:
+        """Resume bookkeeping for a delivered batch (iterable datasets, stateful samplers only)."""
+        if self._streams is not None:
+            self._streams.delivered(*self._made_by.pop(key))
+        if plan.sampler_states is not None:  # keep the state after the last delivered batch
+            upto = self._deliver_no if self.config.in_order else self._delivered_prefix(plan)
+            plan.forget_before(upto - 1)
+
+    def _delivered_prefix(self, plan: EpochPlan) -> int:
+        """in_order=False: n such that batches 0..n-1 are all delivered and the sampler
+        state after batch n-1 is known (drawn in this run, or the one loaded)."""
+        while self._prefix in self._delivered:
+            self._prefix += 1
+        return min(self._prefix, plan.next_batch_no)
 
     def _deliver(self, result: Result):
         if result.kind == "error":
@@ -365,6 +392,7 @@ class Engine:
         if result.kind == "stop":
             self._active.discard(worker_id)
             self._skipped.add(task.batch_no)
+            self._streams.stopped(worker_id, task.batch_no)
             return
         if result.skipped:
             samples = self._epoch_samples if task.plan is self._current else self.planner.epoch_samples()
@@ -378,6 +406,8 @@ class Engine:
             self._batch_bytes = max(self._batch_bytes, _transport.tensor_bytes(result.payload))
         key = (task.plan.serial, task.batch_no)
         self._ready[key] = result
+        if self._streams is not None:
+            self._made_by[key] = (worker_id, result.state, result.ended)
         if not self.config.in_order:
             self._arrivals.append(key)
 
@@ -419,38 +449,101 @@ class Engine:
     # -- resume ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Where the loop is: the epoch, the batches of it already delivered, and what
-        the epoch's order depends on (see ``Planner.state``)."""
+        the epoch's order depends on (see ``Planner.state`` and ``_resume``)."""
         plan = self._current
         if plan is None or self._epoch_over:
-            return dict(self.planner.state_of_next(), delivered=0)
-        if self.config.in_order:
-            delivered = self._deliver_no if self._inline is None else plan.next_batch_no
+            return self._state_between(plan)
+        if self._inline is not None:  # in-process loading delivers in order
+            delivered = upto = plan.next_batch_no
+            if plan.skip:  # resumed from an out-of-order save: some later batches came before
+                delivered = sorted(set(range(upto)) | plan.skip)
+        elif self.config.in_order:
+            delivered = upto = self._deliver_no
         else:
             delivered = sorted(self._delivered)
+            upto = self._delivered_prefix(plan)  # a stateful sampler is saved after this prefix
         count = delivered if isinstance(delivered, int) else len(delivered)
         if count == self.planner.epoch_batches():  # all delivered; the loop just did not ask again
-            return dict(self.planner.state_of_next(), delivered=0)  # (Lightning stops at len(loader))
-        return dict(self.planner.state(plan), delivered=delivered)
+            return self._state_between(plan)  # (Lightning stops at len(loader))
+        streams = None
+        if self._streams is not None:
+            pending = {made[0] for made in self._made_by.values()}  # made, not yet delivered
+            # A worker whose stream ended with every batch of it delivered sits out the rest.
+            exhausted = [w for w in self._streams.stops if w not in pending]
+            streams = self._streams.save(self.config.num_workers, exhausted)
+        return dict(self.planner.state(plan, upto), delivered=delivered, streams=streams)
+
+    def _state_between(self, finished: EpochPlan | None) -> dict:
+        """The state for the start of the epoch after ``finished``."""
+        streams = None
+        if self.planner.iterable:
+            streams = Streams(max(1, self.config.num_workers)).save(self.config.num_workers, [])
+        return dict(self.planner.state_of_next(finished), delivered=0, streams=streams)
 
     def load(self, state: dict) -> None:
         """Make the next ``begin_epoch`` continue the saved epoch after its delivered batches."""
-        if self.planner.iterable and self.config.num_workers > 0:
-            raise ValueError(
-                "resuming an iterable dataset needs num_workers=0: with workers, each worker's copy "
-                "of the dataset holds its own position. Resume with num_workers=0, or shard the "
-                "stream so that a map-style dataset can index it."
-            )
         self.planner.restore(state)
-        self._resume = state["delivered"] if not self.planner.iterable else None
+        self._resume = state
 
-    def _skip_delivered(self, plan: EpochPlan, delivered) -> None:
-        if isinstance(delivered, int):  # in order: the first `delivered` batches, by index only
+    def _skip_delivered(self, plan: EpochPlan, state: dict) -> None:
+        """Start the resumed ``plan`` after the batches delivered before the save."""
+        delivered, sampler = state["delivered"], state["sampler"]
+        if not self.config.in_order:  # a later save lists them too
+            self._delivered = set(range(delivered)) if isinstance(delivered, int) else set(delivered)
+        if self.planner.iterable:
+            # Each worker's stream resumes by itself (_begin_streams); batch numbers, which
+            # seed the batches, go on from the saved ones.
+            plan.next_batch_no = delivered if isinstance(delivered, int) else max(delivered, default=-1) + 1
+            self._deliver_no = plan.next_batch_no
+        elif sampler is not None and not sampler["ended"]:
+            # The sampler continues after batch upto-1 by itself (Planner.restore): pull nothing,
+            # number the batches as the uninterrupted run did.
+            upto = sampler["upto"]
+            plan.next_batch_no = upto
+            plan.sampler_states[upto - 1] = sampler["state"]  # saving again at once gives it back
+            if isinstance(delivered, int):
+                self._deliver_no = delivered
+            else:
+                plan.skip = frozenset(b for b in delivered if b >= upto)
+        elif isinstance(delivered, int):  # in order: the first `delivered` batches, by index only
             for _ in range(delivered):
                 if self.planner.pull(plan) is None:
                     break
             self._deliver_no = delivered
         else:
             plan.skip = frozenset(delivered)
+
+    def _begin_streams(self, plan: EpochPlan, saved: dict | None) -> None:
+        """Iterable datasets: round-robin over the workers' streams; after a resume,
+        each stream starts where the saved run left it (``Resume``), workers whose
+        stream had ended sit out, and the round-robin goes on after the last worker."""
+        n = self.config.num_workers
+        self._streams = Streams(max(1, n)) if saved is None else Streams.restore(saved)
+        self._made_by = {}
+        ended = set(saved["exhausted"]) if saved is not None else set()
+        start = 0 if saved is None or saved["last"] is None else (saved["last"] + 1) % max(1, n)
+        self._active = set(range(n)) - ended
+        self._rr = itertools.cycle([*range(start, n), *range(start)])
+        if saved is None:
+            return
+        if self._inline is not None and ended:  # in-process: the one stream had ended
+            plan.batches = iter(())
+            return
+        # Thread workers share one dataset object: they replay their batches instead.
+        own_dataset = (self.pool is None or self.pool.passes_attrs) and _resume.stateful(self.spec.dataset)
+        for w, (state, count) in enumerate(saved["workers"]):
+            if w in ended:
+                continue
+            if state is not None and own_dataset:
+                msg = Resume(plan.number, state)
+            else:
+                msg = Resume(plan.number, None, count * self.planner.samples_per_batch())
+            if self._inline is not None:
+                self._inline.resume(msg)
+                continue
+            if self.pool.passes_attrs:  # attributes first: they must not overwrite the loaded state
+                self._sync_dataset(w, plan)
+            self.pool.submit(w, msg)
 
     # -- supervision ---------------------------------------------------------------
     def _check_shm(self, batch) -> None:

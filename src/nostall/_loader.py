@@ -270,7 +270,14 @@ class DataLoader(tud.DataLoader):
         """Where this loader is, to continue exactly there later (the same name as
         torchdata's StatefulDataLoader). Take it between batches or between epochs;
         it is small (the epoch, how many of its batches were delivered, random
-        generator states) and holds no sample. See :meth:`load_state_dict`."""
+        generator states) and holds no sample. A sampler, batch sampler or dataset
+        with its own ``state_dict`` is saved through it (a sampler as it was right
+        after the last delivered batch was drawn); an iterable dataset is saved per
+        worker (each worker's state after its last delivered batch, or how many
+        batches it delivered, and the round-robin position). It is plain data
+        (picklable) and versioned. See :meth:`load_state_dict`."""
+        if self._pending_state is not None:  # loaded, not yet iterated: still where it says
+            return dict(self._pending_state)
         state = {"version": _resume.VERSION, "loader": _resume.fingerprint(self)}
         if self._engine is None:
             return dict(state, fresh=True)
@@ -280,7 +287,12 @@ class DataLoader(tud.DataLoader):
         """Continue where ``state`` (from :meth:`state_dict`) was taken: the next
         ``iter(loader)`` yields the rest of that epoch, the same batches as the
         uninterrupted run, then the following epochs. Call it on a loader built
-        like the saved one (``num_workers`` may differ), before iterating."""
+        like the saved one, before iterating. ``num_workers`` may differ for a
+        map-style dataset; an iterable dataset is sharded by its number of workers,
+        so it needs the saved one. A state that does not fit this loader raises a
+        ValueError naming what differs. Map-style datasets resume without fetching
+        a sample again; an iterable dataset without ``state_dict`` (or with thread
+        workers) replays each worker's delivered samples, uncollated."""
         _resume.check(state, self)
         if state.get("fresh"):
             return

@@ -31,6 +31,18 @@ expected to change by d again (an ``epoch`` attribute of an object with
 attributes are compared with the prediction; any difference (another
 ``set_epoch`` value, a replaced sampler, dataset or attribute) discards what was
 prepared ahead.
+
+Resume (``loader.state_dict()``)
+--------------------------------
+A saved epoch is replayed: the generator states it started from, the global RNG
+state when its sampler draws from it, the ``set_epoch`` values. Its delivered
+batches are then skipped by index (``Engine._skip_delivered``), unless the
+sampler (or batch sampler) has ``state_dict``/``load_state_dict``: the state it
+depends on may be invisible to nostall (a ``random.Random`` of its own), so
+``pull`` records the state of the sampler object each plan iterates after every
+batch drawn (batches are drawn ahead of delivery, and the next epoch may be drawn
+from a copy of the sampler), the engine saves the one after the last delivered
+batch, and ``restore`` loads it into the sampler, which then continues by itself.
 """
 
 from __future__ import annotations
@@ -52,7 +64,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from . import _seeding
+from . import _resume, _seeding
 
 _PLAIN = (int, float, bool, str, bytes, type(None))
 
@@ -104,6 +116,17 @@ class EpochPlan:
     waiting_since: float | None = None  # when the loop last saw progress (torch's `timeout`)
     replay: dict = field(default_factory=dict)  # generator states before this plan drew (for resume)
     skip: frozenset = frozenset()  # batch numbers delivered before a resume (in_order=False)
+    # A sampler saved through its own state_dict: the object this plan iterates (the
+    # user's, or a copy for a predicted epoch) and its state after each batch drawn,
+    # by batch number; pruned as batches are delivered (see Engine._track_delivery).
+    stateful: Any = None
+    sampler_states: dict | None = None
+
+    def forget_before(self, batch_no: int) -> None:
+        """Drop the sampler states recorded before ``batch_no`` (no longer savable)."""
+        states = self.sampler_states
+        while states and next(iter(states)) < batch_no:  # recorded in increasing order
+            del states[next(iter(states))]
 
 
 class Planner:
@@ -199,6 +222,21 @@ class Planner:
             return itertools.repeat(self._loader.batch_size)
         return iter(index_sampler)
 
+    def _track_sampler(self, plan: EpochPlan, index_sampler) -> EpochPlan:
+        """Have ``pull`` record the state of the stateful sampler ``plan`` iterates."""
+        role = None if self.iterable else _resume.sampler_role(self._loader)
+        if role == "batch_sampler" or (role == "sampler" and not self._loader._auto_collation):
+            plan.stateful = index_sampler
+        elif role == "sampler":
+            plan.stateful = index_sampler.sampler  # inside torch's BatchSampler (or its copy)
+        if plan.stateful is not None:
+            plan.sampler_states = {}
+        return plan
+
+    def samples_per_batch(self) -> int:
+        """Items of an iterable dataset's stream that make one batch."""
+        return self._loader.batch_size if self._loader._auto_collation else 1
+
     def epoch_batches(self) -> int | None:
         """Batches an epoch holds (``len(loader)``), if known."""
         try:
@@ -237,8 +275,10 @@ class Planner:
             if restored is not None:
                 torch.set_rng_state(restored)
             self._draw_epoch_seed(self.epoch)
-            plan = EpochPlan(self.epoch, state, self._batches(self._loader._index_sampler), ahead=False,
-                             replay=replay)
+            index_sampler = self._loader._index_sampler
+            plan = self._track_sampler(
+                EpochPlan(self.epoch, state, self._batches(index_sampler), ahead=False, replay=replay),
+                index_sampler)
             builtin_first = self.epoch == 0 and self._builtin_random and self._loader.generator is None
             if builtin_first or (restored is not None and not self.iterable):
                 # Make the first epoch's global draw now, as torch's sampler does on its
@@ -274,9 +314,14 @@ class Planner:
         return {"generators": [g.get_state() for g in self._all_generators()],
                 "global": torch.get_rng_state() if draws is not False else None}
 
-    def state(self, plan: EpochPlan) -> dict:
-        """The planner's part of ``loader.state_dict()`` for a position in ``plan``."""
+    def state(self, plan: EpochPlan, sampler_upto: int = 0, ended: bool = False) -> dict:
+        """The planner's part of ``loader.state_dict()`` for a position in ``plan``:
+        ``sampler_upto`` batches of it are behind (see ``_resume`` for ``ended``)."""
         watched = self._watched()
+        dataset = watched["dataset"]
+        # A map-style dataset's state is the main process's (workers mirror its attributes);
+        # an iterable one's is per stream (see Engine), except when loading in-process.
+        keep_dataset = _resume.stateful(dataset) and (not self.iterable or self._loader.num_workers == 0)
         return {
             "epoch": plan.number,
             "base_seed": self.base_seed,
@@ -285,16 +330,27 @@ class Planner:
             "global_rng": plan.replay.get("global"),
             "epochs_set": {role: getattr(obj, "epoch") for role, obj in watched.items()
                            if hasattr(obj, "set_epoch") and type(getattr(obj, "epoch", None)) is int},
-            # An iterable dataset's position is its own to keep (map-style ones are replayed).
-            "states": {"dataset": watched["dataset"].state_dict()}
-            if self.iterable and callable(getattr(watched["dataset"], "state_dict", None)) else {},
+            "states": {"dataset": dataset.state_dict()} if keep_dataset else {},
+            "sampler": self._sampler_state(plan, sampler_upto, ended),
         }
 
-    def state_of_next(self) -> dict:
-        """``state`` for the start of the next epoch (taken between epochs)."""
+    def _sampler_state(self, plan: EpochPlan, upto: int, ended: bool) -> dict | None:
+        """A stateful sampler's state after batch ``upto - 1`` of ``plan`` (None at its start)."""
+        if plan.sampler_states is None or upto == 0:
+            return None
+        return {"role": _resume.sampler_role(self._loader), "upto": upto,
+                "state": plan.sampler_states[upto - 1], "ended": ended}
+
+    def state_of_next(self, finished: EpochPlan | None = None) -> dict:
+        """``state`` for the start of the next epoch (taken between epochs, after
+        ``finished``): a stateful sampler is saved as it was at the end of ``finished``."""
         if self._ahead is not None:
-            return self.state(self._ahead)
-        return self.state(EpochPlan(self.epoch + 1, {}, iter(()), ahead=False, replay=self._snapshot()))
+            state = self.state(self._ahead)
+        else:
+            state = self.state(EpochPlan(self.epoch + 1, {}, iter(()), ahead=False, replay=self._snapshot()))
+        if finished is not None:
+            state["sampler"] = self._sampler_state(finished, finished.next_batch_no, ended=True)
+        return state
 
     def restore(self, state: dict) -> None:
         """Make the next ``begin()`` replay epoch ``state["epoch"]`` exactly."""
@@ -307,6 +363,15 @@ class Planner:
             self._private.set_state(state["private_generator"])
             loader.sampler.generator = self._private
         watched = self._watched()
+        sampler = state["sampler"]
+        if sampler is not None and sampler["ended"]:
+            # Saved between epochs: take the sampler to the end of the epoch that ended
+            # (an iteration that yields nothing after its state), so that its next
+            # iteration is the following epoch, as in the uninterrupted run.
+            getattr(loader, sampler["role"]).load_state_dict(sampler["state"])
+            with _seeding.saved_global_rng():
+                for _ in loader._index_sampler:
+                    pass
         for role, value in state["epochs_set"].items():
             watched[role].set_epoch(value)
         for role, value in state["states"].items():
@@ -320,6 +385,10 @@ class Planner:
             )
         for gen, saved in zip(gens, state["generators"]):
             gen.set_state(saved)
+        if sampler is not None and not sampler["ended"]:
+            # After the replayed generators, so that a sampler restoring its own wins; it
+            # then continues by itself after the delivered batches (Engine._skip_delivered).
+            getattr(loader, sampler["role"]).load_state_dict(sampler["state"])
         self._restored_global = state["global_rng"]
         self._states = [self._state()]
 
@@ -349,10 +418,10 @@ class Planner:
             for generator, saved in rewind:
                 generator.set_state(saved)
             return None
-        self._ahead = EpochPlan(
+        self._ahead = self._track_sampler(EpochPlan(
             self.epoch + 1, predicted, batches, ahead=True, rewind=rewind, watched=draws is None,
             replay={"generators": [saved for _, saved in rewind], "global": None},
-        )
+        ), index_sampler)
         return self._ahead
 
     def pull(self, plan: EpochPlan):
@@ -371,6 +440,8 @@ class Planner:
             return None
         batch_no = plan.next_batch_no
         plan.next_batch_no += 1
+        if plan.stateful is not None:  # a copy: the sampler's own dict goes on changing
+            plan.sampler_states[batch_no] = copy.deepcopy(plan.stateful.state_dict())
         return batch_no, indices
 
     def stop_lookahead(self) -> None:

@@ -6,6 +6,7 @@ so a batch is made the same way whatever runs it.
 
 from __future__ import annotations
 
+import copy
 import os
 import queue
 import signal
@@ -57,6 +58,17 @@ class PipeOnly(NamedTuple):
     reason: str = ""
 
 
+class Resume(NamedTuple):
+    """Start epoch ``epoch`` of an iterable dataset where a saved run left this worker's
+    stream: load ``state`` into the dataset (when not None), begin a fresh iterator, and
+    pull and drop its first ``skip`` items, uncollated (the replay of the batches it
+    delivered, for datasets without a state)."""
+
+    epoch: int
+    state: Any = None
+    skip: int = 0
+
+
 class Result(NamedTuple):
     """A worker's answer. ``kind`` is "ok" (``payload`` is the batch), "stop" (an
     iterable dataset is exhausted in this worker) or "error" (``payload`` is a
@@ -64,7 +76,10 @@ class Result(NamedTuple):
     ``time.monotonic()`` around making it (one clock for every process on a machine),
     ``cpu`` the CPU time the worker's thread spent on it. ``skipped`` lists the
     ``(index, error)`` of samples left out (``skip_errors``); kind "empty" means
-    every sample of the batch was left out."""
+    every sample of the batch was left out. ``state`` is a copy of an iterable
+    dataset's ``state_dict()`` right after this batch (process workers and in-process
+    loading, datasets that have one), for ``loader.state_dict()``; ``ended`` says the
+    stream ended while this batch was made (a short last batch): the worker has no more."""
 
     kind: str
     task_id: int
@@ -74,12 +89,15 @@ class Result(NamedTuple):
     cpu: float = 0.0
     skipped: tuple = ()
     note: str = ""  # "shm-full: ...": /dev/shm was full, this worker now sends through its pipe
+    state: Any = None
+    ended: bool = False
 
 
 class BatchMaker:
     """Makes batches from tasks, seeding randomness per batch (see ``_seeding``)."""
 
-    def __init__(self, spec: WorkSpec, base_seed: int, worker_id: int | None, seed_globals: bool):
+    def __init__(self, spec: WorkSpec, base_seed: int, worker_id: int | None, seed_globals: bool,
+                 keep_state: bool = True):
         self.spec = spec
         self.dataset = spec.dataset
         self.base_seed = base_seed
@@ -91,6 +109,11 @@ class BatchMaker:
         self._skipped: list = []
         self.no_shm = False  # set when /dev/shm is too small (see PipeOnly)
         self.note = ""  # news for the loader, sent with the next result
+        # Thread workers share one dataset object: its state says nothing about one worker.
+        self._keep_state = keep_state and spec.iterable and callable(getattr(spec.dataset, "state_dict", None))
+        self._state = None  # the dataset's state after the batch just made
+        self._ended = False  # the stream ended within the batch just made
+        self._resume_error = None  # a failed Resume, reported with the next batch
 
     def apply_attrs(self, attrs: dict) -> None:
         """Mirror attributes the main process reassigned on its dataset (e.g. by set_epoch)."""
@@ -102,8 +125,10 @@ class BatchMaker:
         self._skipped = []
         kind, payload = self._make(task)
         note, self.note = self.note, ""
+        state, self._state = self._state, None
+        ended, self._ended = self._ended, False
         return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu,
-                      tuple(self._skipped), note)
+                      tuple(self._skipped), note, state, ended)
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
@@ -113,8 +138,17 @@ class BatchMaker:
         current = [task.indices]
         try:
             if self.spec.iterable:
+                if self._resume_error is not None:
+                    error, self._resume_error = self._resume_error, None
+                    return "error", error
                 data = self._fetch_iterable(task)
-                return ("stop", None) if data is None else ("ok", data)
+                if data is None:
+                    return "stop", None
+                # A dataset may reset its state when its iterator ends: the end is told apart.
+                self._ended = self._fetcher.ended
+                if self._keep_state:  # a copy: the dataset's own dict goes on changing
+                    self._state = copy.deepcopy(self.dataset.state_dict())
+                return "ok", data
             data = self._fetch_map(task.indices, current)
             return ("empty", None) if data is _EMPTY else ("ok", data)
         except Exception:
@@ -204,6 +238,25 @@ class BatchMaker:
         except StopIteration:
             return None
 
+    def resume(self, msg: Resume) -> None:
+        """Begin epoch ``msg.epoch``'s stream where the saved run left it (see :class:`Resume`)."""
+        spec = self.spec
+        try:
+            if msg.state is not None:
+                self.dataset.load_state_dict(msg.state)
+            self._fetcher = _IterableDatasetFetcher(self.dataset, spec.auto_collation, self._collate, spec.drop_last)
+            self._fetcher_epoch = msg.epoch
+            stream = self._fetcher.dataset_iter
+            for _ in range(msg.skip):
+                next(stream)
+        except StopIteration:
+            self._fetcher.ended = True
+        except Exception:
+            who = "the main process" if self.worker_id is None else f"worker {self.worker_id} (pid {os.getpid()})"
+            what = "loading the saved dataset state" if msg.state is not None else f"skipping {msg.skip} samples"
+            self._resume_error = torch._utils.ExceptionWrapper(
+                where=f"in nostall {who} while {what} to resume epoch {msg.epoch}")
+
     def _where(self, task: Task, index) -> str:
         who = "the main process" if self.worker_id is None else f"worker {self.worker_id} (pid {os.getpid()})"
         what = f"batch {task.batch_no} of epoch {task.epoch}"
@@ -250,7 +303,7 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
         if spec.worker_init_fn is not None:
             spec.worker_init_fn(worker_id)
-        return BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded), None
+        return BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded, keep_state=not threaded), None
     except Exception:
         who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
         where = f"in nostall {who} while starting (worker_init_fn)"
@@ -307,6 +360,9 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
         if isinstance(msg, PipeOnly):
             maker.no_shm = True
             continue
+        if isinstance(msg, Resume):
+            maker.resume(msg)
+            continue
         result = maker.make(msg)
         try:
             conn.send_bytes(_transport.dumps(result, inline_all=maker.no_shm))
@@ -354,6 +410,9 @@ def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int,
                 continue  # threads share the main process's dataset object
             if isinstance(msg, Pause):
                 time.sleep(msg.seconds)
+                continue
+            if isinstance(msg, Resume):
+                maker.resume(msg)
                 continue
             outbox.put((worker_id, maker.make(msg)))
     finally:
