@@ -2,29 +2,37 @@
 
 Every control period (at least half a second and a few batches of the loop's own
 time) the tuner looks at what the loop did: the share of its time spent waiting
-for data, the batches delivered per second, and the CPU the workers used. Then:
+for data, its own time per batch (the training step), the workers' seconds and CPU
+seconds per batch, and the CPU the whole job used. The workers the loop needs
+follow from those (Little's law): a worker's seconds per batch over the loop's
+seconds per batch, plus ``HEADROOM``. Then:
 
-* the loop waits (over ``WAITING``): add workers, unless the CPU budget is used up
-  (workers that mostly wait on I/O do not count against it); each step that
-  raised the delivery rate by ``GAIN`` doubles the next step (1, 2, 4, ... workers),
-  so a latency-bound dataset reaches 32 workers in a few seconds; a step that did
-  not is taken back, and growing stops there (for ``RETRY_PERIODS`` periods of
-  waiting). A change is judged on the period after the next one: new workers
-  need a batch's time to start delivering;
+* the loop waits (over ``WAITING``): add workers towards that need, at most
+  doubling them per step; not when the CPU budget is used up by workers that
+  compute (workers that mostly wait on I/O use no CPU and may grow far beyond the
+  cores). A step is judged on the period after the next one (new workers need a
+  batch's time to start delivering): it stays if the delivery rate rose by
+  ``GAIN`` (or by half of what the waiting left to gain) or the waiting halved;
+  otherwise it is taken back and growing stops there (for ``RETRY_PERIODS``
+  periods of waiting). The loop waited with the workers it had, so the tuner
+  never goes back below them;
 * the loop waits although the workers are mostly idle: the window is too small,
   raise ``prefetch_factor`` (up to ``MAX_PREFETCH``);
-* the loop never waits (under ``IDLE``): try one worker fewer; if the loop then
-  waits, take it back and stay.
+* the loop never waits (under ``IDLE``) and fewer workers would do: shrink to the
+  need (at most half at once), leaving the CPU to the training step; if the loop
+  then waits more than ``BACK`` (a loss of about that share of the rate), take
+  the workers back and stay.
 
-A per-batch cost 1.6 times higher or lower than when a limit was learnt lifts the
-limits, so the tuner re-settles when the workload changes. Every change and its reason is kept
-(``loader.stats.tuner``) and logged. Which worker makes a batch never changes its
-content (per-batch seeding), so tuning keeps the determinism contract.
+A workload change (a batch costing 1.6 times more or less than when a limit was
+learnt) lifts the limits, so the tuner re-settles. Every change and its reason is
+kept (``loader.stats.tuner``) and logged. Which worker makes a batch never changes
+its content (per-batch seeding), so tuning keeps the determinism contract.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,9 +41,12 @@ log = logging.getLogger("nostall")
 PERIOD_S = 0.5  # shortest control period
 WAITING = 0.05  # the loop waits more than this share of its time: more parallelism may help
 IDLE = 0.01  # the loop waits less than this: fewer workers may do
-GAIN = 1.05  # an added worker must raise the delivery rate this much to stay
+BACK = 0.02  # after workers were removed the loop waits more than this: take them back
+HEADROOM = 1.15  # spare parallelism kept above the estimated need
+GAIN = 1.05  # added workers must raise the delivery rate this much (or end the waiting) to stay
 MAX_PREFETCH = 4
-CPU_FULL = 0.75  # share of the CPU budget beyond which CPU-bound workers are not added
+CPU_FULL = 0.75  # share of the CPU budget the job uses beyond which computing workers are not added
+COMPUTES = 0.3  # a worker whose CPU seconds are this share of its seconds per batch computes
 COST_CHANGE = 1.6  # a batch this many times costlier (or cheaper) than when limits were learnt
 RETRY_PERIODS = 10  # periods of waiting at a learnt ceiling before trying above it again
 
@@ -67,15 +78,17 @@ class AutoTuner:
     _work: float = 0.0
     _batches: int = 0
     _last_rate: float = 0.0
+    _last_waiting: float = 0.0  # the loop's waiting share in the last judged period
     _pending: str = ""  # "add" or "remove": judged at the end of the next period
-    _ceiling: int = 0  # workers beyond which adding did not help (0: unknown)
-    _floor: int = 1  # workers below which the loop waited
-    _cost: float = 0.0  # seconds per batch when the limits were learnt (0: no limits learnt)
-    _batch_cost: float = 0.0  # seconds per batch in the last period
-    _step: int = 1  # workers the next addition adds
     _settling: bool = False  # the period after a change, not judged
+    _before: int = 0  # workers before the last change
+    _ceiling: int = 0  # workers beyond which adding did not help
+    _floor: int = 1  # workers below which the loop waited
+    _step: int = 1  # the smallest next addition
     _at_ceiling: int = 0  # periods the loop waited with growth stopped
-    _before: int = 0  # workers before the last addition
+    _learnt: tuple = ()  # (seconds, CPU seconds) per batch when the limits were learnt
+    _batch_cost: float = 0.0  # a worker's seconds per batch in the last period
+
     def __post_init__(self) -> None:
         self._ceiling = self.max_workers
         self.period_start = time.monotonic()
@@ -91,59 +104,89 @@ class AutoTuner:
         return (now - self.period_start >= max(PERIOD_S, 2 * self._batch_cost)
                 and self._batches >= max(4, self.workers))
 
-    def decide(self, now: float, cpu_used: float, cpu_bound: bool, busy: float, batch_cost: float) -> bool:
+    def decide(self, now: float, cost: float, cpu_cost: float, cpu_used: float) -> bool:
         """End a period; returns True when ``workers`` or ``prefetch`` changed.
 
-        ``cpu_used``: CPUs the workers kept busy; ``cpu_bound``: whether making a
-        batch mostly uses the CPU (rather than waiting on I/O); ``busy``: the
-        workers' mean busy share; ``batch_cost``: seconds a worker spends per batch.
+        ``cost``: a worker's seconds per batch; ``cpu_cost``: its CPU seconds per
+        batch; ``cpu_used``: CPUs the job (loop and workers) kept busy this period.
         """
         total = self._wait + self._work
         waiting = self._wait / total if total > 0 else 0.0
         rate = self._batches / max(now - self.period_start, 1e-9)
+        step_s = max(self._work / max(self._batches, 1), 1e-4)  # the loop's own seconds per batch
         self.period_start, self._wait, self._work, self._batches = now, 0.0, 0.0, 0
-        if self._cost and batch_cost and not self._cost / COST_CHANGE < batch_cost < self._cost * COST_CHANGE:
-            self._ceiling, self._floor, self._step = self.max_workers, 1, 1  # the workload changed
-            self._note(now, f"the cost per batch changed from {self._cost:.3g} s to {batch_cost:.3g} s: "
-                            "tuning again")
-            self._cost = 0.0
-        self._batch_cost = batch_cost
+        self._batch_cost = cost
+        computes = cost > 0 and cpu_cost >= COMPUTES * cost
+        cpu_full = computes and cpu_used >= CPU_FULL * self.cpu_budget
+        self._check_workload(now, cost, cpu_cost, cpu_full)
         pending, self._pending = self._pending, ""
-        if pending in ("add", "remove") and not self._settling:
+        if pending and not self._settling:
             self._settling, self._pending = True, pending  # new workers are still starting: judge
             return False  # the change on the next period
         self._settling = False
-        if pending == "add" and rate < GAIN * self._last_rate:
-            self._ceiling, self._step, self._cost = self._before, 1, batch_cost
-            return self._set(now, self._before, self.prefetch,
-                             f"the last {self.workers - self._before} worker(s) did not raise the rate "
-                             f"({rate:.1f} vs {self._last_rate:.1f} batches/s): back, and no more")
         if pending == "add":
+            wanted_gain = 1 + min(GAIN - 1, self._last_waiting / 2)  # waiting 4% can give 4% at most
+            if rate < wanted_gain * self._last_rate and waiting > self._last_waiting / 2:
+                self._ceiling, self._step = self._before, 1
+                self._learn(cost, cpu_cost)
+                return self._set(now, self._before, self.prefetch,
+                                 f"the last {self.workers - self._before} worker(s) did not raise the rate "
+                                 f"({rate:.1f} vs {self._last_rate:.1f} batches/s): back, and no more")
             self._step *= 2
-        if pending == "remove" and waiting > WAITING:
-            self._floor, self._cost = self.workers + 1, batch_cost
-            return self._set(now, self.workers + 1, self.prefetch,
-                             f"with one worker fewer the loop waited {waiting:.0%}: back")
-        self._last_rate = rate
+            self._floor = max(self._floor, self._before + 1)  # the loop waited with `_before` workers
+            self._learn(cost, cpu_cost)
+            if self.workers >= self._ceiling:  # growing past a learnt limit paid: it was wrong
+                self._ceiling = self.max_workers
+        if pending == "remove" and waiting > BACK:
+            self._floor = self.workers + 1
+            self._learn(cost, cpu_cost)
+            return self._set(now, self._before, self.prefetch,
+                             f"with {self._before - self.workers} worker(s) fewer the loop waited "
+                             f"{waiting:.0%}: back")
+        self._last_rate, self._last_waiting = rate, waiting
+        # Workers the loop needs: busy ones keep up when a worker's time per batch is
+        # covered by the loop's (CPU time when they contend for the cores).
+        needed = min(self.max_workers, math.ceil((cpu_cost if cpu_full else cost) / step_s * HEADROOM))
         if waiting > WAITING:
+            busy = min(1.0, rate * cost / self.workers)
             if self.tune_prefetch and busy < 0.7 and self.prefetch < MAX_PREFETCH:
                 return self._set(now, self.workers, self.prefetch + 1,
                                  f"the loop waits {waiting:.0%} while workers are busy only {busy:.0%}: "
                                  "a larger window")
-            cpu_full = cpu_bound and cpu_used >= CPU_FULL * self.cpu_budget
-            if self.tune_workers and self.workers >= self._ceiling and not cpu_full:
+            if not self.tune_workers or cpu_full:
+                return False
+            if self.workers >= self._ceiling:
                 self._at_ceiling += 1
-                if self._at_ceiling >= RETRY_PERIODS:  # still waiting: the limit may have been noise
-                    self._ceiling, self._at_ceiling = self.max_workers, 0
-            if self.tune_workers and self.workers < self._ceiling and not cpu_full:
-                self._pending, self._before = "add", self.workers
-                return self._set(now, min(self._ceiling, self.workers + self._step), self.prefetch,
-                                 f"the loop waits {waiting:.0%} for data ({rate:.1f} batches/s)")
-        elif waiting < IDLE and self.tune_workers and self.workers > self._floor:
-            self._pending, self._step = "remove", 1
-            return self._set(now, self.workers - 1, self.prefetch,
-                             f"the loop waits only {waiting:.1%}: trying one worker fewer")
+                if self._at_ceiling < RETRY_PERIODS:
+                    return False
+                self._ceiling, self._at_ceiling = min(self.max_workers, self.workers + 1), 0  # maybe noise
+            grow = max(self._step, min(needed - self.workers, self.workers))
+            self._pending, self._before = "add", self.workers
+            return self._set(now, min(self._ceiling, self.workers + grow), self.prefetch,
+                             f"the loop waits {waiting:.0%} for data ({rate:.1f} batches/s, {_workers(needed)} "
+                             "needed)")
+        if waiting < IDLE and self.tune_workers:
+            target = max(self._floor, self.workers // 2, needed)
+            if target < self.workers:
+                self._pending, self._before, self._step = "remove", self.workers, 1
+                return self._set(now, target, self.prefetch,
+                                 f"the loop waits only {waiting:.1%}: {_workers(needed)} keep up "
+                                 f"({rate:.1f} batches/s)")
         return False
+
+    def _learn(self, cost: float, cpu_cost: float) -> None:
+        self._learnt = self._learnt or (cost, cpu_cost)
+
+    def _check_workload(self, now: float, cost: float, cpu_cost: float, cpu_full: bool) -> None:
+        """Lift the learnt limits when a batch's cost changed (seconds, or CPU seconds
+        when the workers contend for the cores and their seconds say little)."""
+        if not self._learnt or not cost:
+            return
+        old_cost, old_cpu = self._learnt
+        then, now_cost = (old_cpu, cpu_cost) if cpu_full and old_cpu >= COMPUTES * old_cost else (old_cost, cost)
+        if then and not then / COST_CHANGE < now_cost < then * COST_CHANGE:
+            self._ceiling, self._floor, self._step, self._learnt = self.max_workers, 1, 1, ()
+            self._note(now, f"the cost per batch changed from {then:.3g} s to {now_cost:.3g} s: tuning again")
 
     def _set(self, now: float, workers: int, prefetch: int, reason: str) -> bool:
         workers = max(1, min(self.max_workers, workers))
@@ -157,6 +200,10 @@ class AutoTuner:
         decision = Decision(round(now - self._started, 2), self.workers, self.prefetch, reason)
         self.decisions.append(decision)
         log.info("nostall auto: %d workers, prefetch %d: %s", self.workers, self.prefetch, reason)
+
+
+def _workers(n: int) -> str:
+    return "1 worker" if n == 1 else f"{n} workers"
 
 
 MAX_WORKERS = 32  # the most workers "auto" starts (latency-bound datasets gain up to here)

@@ -112,7 +112,7 @@ class Engine:
         self._started_workers = 0
         self._loop_returned = 0.0  # when the loop last got a batch (for the tuner)
         self._polled = 0.0
-        self._tuned_at_busy: list = []
+        self._tuned_cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self.closed = False
 
@@ -174,6 +174,7 @@ class Engine:
         self._started_workers = n if start is None else start
         self.worker_log.started_workers = self._started_workers
         self._sched = Scheduler(self._started_workers)
+        self._tuned_cpu = (time.process_time(), 0.0)
         self._last_done = {}
         self.supervisor.pool_started()
         self._start_dstate = object_state(self.spec.dataset)
@@ -385,6 +386,8 @@ class Engine:
         if result.done:
             self._last_done[worker_id] = result.done
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
+        if self.tuner is not None and self.config.worker_type != "thread":  # threads count in process_time
+            self._tuned_cpu = (self._tuned_cpu[0], self._tuned_cpu[1] + result.cpu)
         for worker, seconds in self._sched.answered(worker_id, result.started, result.done, result.cpu).items():
             self.pool.submit(worker, Pause(seconds))
         if not task.wanted:
@@ -421,21 +424,15 @@ class Engine:
         self._loop_returned = now
         if not tuner.due(now):
             return
-        active = sorted(self._sched.active)
-        busy_now = [self.worker_log.busy_s[w] for w in active]
-        before = self._tuned_at_busy
-        span = now - tuner.period_start
-        if len(before) == len(busy_now) and span > 0:
-            busy = sum(b - a for a, b in zip(before, busy_now)) / (span * len(active))
-        else:
-            busy = 1.0  # the set of workers changed: no comparable figure this period
-        shares = self._sched.cpu_shares(active)
-        cpu_bound = bool(shares) and sum(shares) / len(shares) > 0.5
-        costs = sorted(self._sched.costs(self._sched.active))
-        cost = costs[len(costs) // 2] if costs else 0.0
-        if tuner.decide(now, sum(shares) * busy, cpu_bound, busy, cost):
+        active = self._sched.active
+        span = max(now - tuner.period_start, 1e-9)
+        cpu_now = time.process_time()  # this process: the loop, and thread workers if any
+        cpu_used = (cpu_now - self._tuned_cpu[0] + self._tuned_cpu[1]) / span
+        self._tuned_cpu = (cpu_now, 0.0)
+        costs = sorted(self._sched.costs(active))
+        cpu_costs = sorted(self._sched.costs(active, cpu=True))
+        if costs and tuner.decide(now, costs[len(costs) // 2], cpu_costs[len(cpu_costs) // 2], cpu_used):
             self._apply_tuning()
-        self._tuned_at_busy = [self.worker_log.busy_s[w] for w in sorted(self._sched.active)]
 
     def _apply_tuning(self) -> None:
         wanted = self.tuner.workers

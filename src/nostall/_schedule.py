@@ -68,9 +68,11 @@ class Scheduler:
         self._free_at[worker_id] = 0.0
         self._last_done.pop(worker_id, None)
 
-    def costs(self, workers=None) -> list[float]:
-        """Recent seconds per batch of ``workers`` (default: all) that reported one."""
-        return [c for w, c in self._cost.items() if workers is None or w in workers]
+    def costs(self, workers=None, cpu: bool = False) -> list[float]:
+        """Recent seconds per batch of ``workers`` (default: all) that reported one;
+        with ``cpu``, CPU seconds per batch."""
+        return [c * (self._cpu_share[w] if cpu else 1.0) for w, c in self._cost.items()
+                if workers is None or w in workers]
 
     def submitted(self, worker_id: int, now: float) -> None:
         """Record a task sent to ``worker_id``."""
