@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from conftest import assert_same_epochs
-from datasets import Indexed, SimpleIterable, Sleepy
+from datasets import EpochAware, Indexed, SimpleIterable, Sleepy
 
 import nostall
 from nostall._autotune import AutoTuner
@@ -136,7 +136,7 @@ def test_auto_shrinks_when_the_training_step_is_the_bottleneck():
             if time.monotonic() - started > 60:
                 break
         last = loader.stats.tuner[-1]
-    assert last["workers"] == 1 and "keep up" in last["reason"]
+    assert last["workers"] == 1 and "would keep up" in last["reason"]
 
 
 def test_auto_arguments():
@@ -146,3 +146,96 @@ def test_auto_arguments():
         nostall.DataLoader(Indexed(10), prefetch_factor="auto")
     with pytest.raises(TypeError, match="`num_workers` must be an int >= 0 or 'auto'; got 'many'"):
         nostall.DataLoader(Indexed(10), num_workers="many")
+
+
+# --------------------------------------------------------------------------- worker_type="auto"
+
+
+class SleepyRandom(Sleepy):
+    """Waits like a remote read, then draws from torch's global RNG."""
+
+    def __getitem__(self, i):
+        return super().__getitem__(i), torch.rand(()).item()
+
+
+class Busy(Indexed):
+    """Pure-Python work holding the GIL, about 1 ms a sample."""
+
+    def __getitem__(self, i):
+        x = i
+        for k in range(10_000):
+            x = (x * 31 + k) % 1_000_003
+        return x
+
+
+class SleepyEpochAware(EpochAware):
+    """``ds[i] == i + 1000 * epoch`` after waiting like a remote read."""
+
+    def __getitem__(self, i):
+        time.sleep(0.004)
+        return super().__getitem__(i)
+
+
+def _kind_decision(loader) -> dict:
+    return next(d for d in loader.stats.tuner if d["worker_type"])
+
+
+@pytest.mark.timeout(120)
+def test_worker_type_auto_chooses_threads_for_waiting_workers_and_keeps_the_batches():
+    dataset = Sleepy(400, 0.004)
+    kw = dict(batch_size=8, shuffle=True)
+    torch_loader = torch.utils.data.DataLoader(dataset, generator=torch.Generator().manual_seed(3), **kw)
+    reference = [list(torch_loader) for _ in range(3)]
+    with nostall.DataLoader(dataset, num_workers=4, worker_type="auto",
+                            generator=torch.Generator().manual_seed(3), **kw) as loader:
+        assert loader.worker_type == "auto"
+        got = [list(loader) for _ in range(3)]
+        decision = _kind_decision(loader)
+        assert loader.worker_pids() == []  # the process workers are gone
+    assert_same_epochs(reference, got)  # the switch, mid-epoch, changes no batch
+    assert decision["worker_type"] == "thread" and "threads" in decision["reason"]
+    assert [d for d in loader.stats.tuner if d["workers"] != 4] == []  # a fixed count stays fixed
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dataset, why", [(Busy(3000), "holding the GIL"),
+                                          (SleepyRandom(800, 0.004), "global random generators")])
+def test_worker_type_auto_keeps_processes_for_cpu_work_or_global_randomness(dataset, why):
+    kw = dict(batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
+    with nostall.DataLoader(dataset, num_workers="auto", worker_type="auto", **kw) as loader:
+        got = [list(loader)]
+        decision = _kind_decision(loader)
+        assert loader.worker_pids()  # still processes
+    assert decision["worker_type"] == "process" and why in decision["reason"]
+    kw["generator"] = torch.Generator().manual_seed(5)
+    with nostall.DataLoader(dataset, num_workers=2, **kw) as fixed:
+        assert_same_epochs([list(fixed)], got)  # global draws are seeded per batch in processes
+
+
+@pytest.mark.timeout(120)
+def test_worker_type_auto_switch_keeps_set_epoch_on_the_dataset():
+    """Threads share the user's dataset: epochs prepared ahead for a predicted
+    set_epoch are made again after the switch, with the real value."""
+    def run(make):
+        dataset = SleepyEpochAware(80)
+        loader = make(dataset)
+        epochs = []
+        for epoch in range(8):
+            dataset.set_epoch(epoch)
+            epochs.append(list(loader))
+        return loader, epochs
+
+    kw = dict(batch_size=8, shuffle=True)
+    _, reference = run(lambda d: torch.utils.data.DataLoader(d, generator=torch.Generator().manual_seed(2), **kw))
+    loader, got = run(lambda d: nostall.DataLoader(d, num_workers=4, worker_type="auto",
+                                                   generator=torch.Generator().manual_seed(2), **kw))
+    with loader:
+        assert _kind_decision(loader)["worker_type"] == "thread"
+    assert_same_epochs(reference, got)
+
+
+def test_worker_type_auto_arguments():
+    with pytest.raises(ValueError, match="`worker_type='auto'` needs a map-style dataset"):
+        nostall.DataLoader(SimpleIterable(10), num_workers=2, worker_type="auto")
+    with pytest.raises(ValueError, match="got num_workers=0"):
+        nostall.DataLoader(Indexed(10), worker_type="auto")

@@ -59,6 +59,7 @@ class Decision:
     workers: int
     prefetch: int
     reason: str
+    worker_type: str = ""  # set by the worker_type="auto" decision
 
 
 @dataclass
@@ -93,6 +94,10 @@ class AutoTuner:
         self._ceiling = self.max_workers
         self.period_start = time.monotonic()
 
+    def begin_period(self, now: float) -> None:
+        """Start a control period afresh (what came before says nothing of what follows)."""
+        self.period_start, self._wait, self._work, self._batches = now, 0.0, 0.0, 0
+
     def observe(self, wait_s: float, work_s: float) -> None:
         """One delivered batch: the loop waited ``wait_s`` for it after ``work_s`` of its own."""
         self._wait += wait_s
@@ -114,7 +119,7 @@ class AutoTuner:
         waiting = self._wait / total if total > 0 else 0.0
         rate = self._batches / max(now - self.period_start, 1e-9)
         step_s = max(self._work / max(self._batches, 1), 1e-4)  # the loop's own seconds per batch
-        self.period_start, self._wait, self._work, self._batches = now, 0.0, 0.0, 0
+        self.begin_period(now)
         self._batch_cost = cost
         computes = cost > 0 and cpu_cost >= COMPUTES * cost
         cpu_full = computes and cpu_used >= CPU_FULL * self.cpu_budget
@@ -170,7 +175,7 @@ class AutoTuner:
             if target < self.workers:
                 self._pending, self._before, self._step = "remove", self.workers, 1
                 return self._set(now, target, self.prefetch,
-                                 f"the loop waits only {waiting:.1%}: {_workers(needed)} keep up "
+                                 f"the loop waits only {waiting:.1%}: {_workers(needed)} would keep up "
                                  f"({rate:.1f} batches/s)")
         return False
 
@@ -196,10 +201,28 @@ class AutoTuner:
             self._note(now, reason)
         return changed
 
-    def _note(self, now: float, reason: str) -> None:
-        decision = Decision(round(now - self._started, 2), self.workers, self.prefetch, reason)
+    def _note(self, now: float, reason: str, worker_type: str = "") -> None:
+        decision = Decision(round(now - self._started, 2), self.workers, self.prefetch, reason, worker_type)
         self.decisions.append(decision)
         log.info("nostall auto: %d workers, prefetch %d: %s", self.workers, self.prefetch, reason)
+
+    def choose_worker_type(self, now: float, cost: float, cpu_cost: float, drew_global: bool) -> str:
+        """``worker_type="auto"``: "thread" for workers that mostly wait (remote reads,
+        sleeps: they release the GIL, and threads need no copy of the dataset and no
+        process each), else "process". Threads share the global random generators,
+        so a dataset drawing from them keeps processes (its batches stay reproducible)."""
+        share = cpu_cost / cost if cost > 0 else 1.0
+        if drew_global:
+            kind, why = "process", ("the dataset draws from the global random generators, which threads "
+                                    "share: processes keep its batches reproducible")
+        elif share < COMPUTES:
+            kind, why = "thread", (f"workers spend {share:.0%} of a batch's time on the CPU (they wait, "
+                                   "releasing the GIL): threads, without a process and a dataset copy each")
+        else:
+            kind, why = "process", (f"workers spend {share:.0%} of a batch's time on the CPU, holding the "
+                                    "GIL: processes")
+        self._note(now, f"worker_type {kind}: {why}", kind)
+        return kind
 
 
 def _workers(n: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORKER_TYPES = ("process", "thread")
+WORKER_TYPES = ("process", "thread", "auto")
 START_METHODS = ("fork", "spawn", "forkserver")
 ON_HANG = ("restart", "raise")
 ON_SAMPLE_ERROR = ("raise", "skip")
@@ -54,7 +54,7 @@ class PoolConfig:
             raise ValueError(
                 f"`worker_type` must be one of {', '.join(map(repr, WORKER_TYPES))}; "
                 f"got {self.worker_type!r}. Use 'thread' for I/O-bound datasets that "
-                "release the GIL, 'process' otherwise."
+                "release the GIL, 'process' otherwise, 'auto' to let nostall choose."
             )
         if self.start_method not in START_METHODS:
             raise ValueError(

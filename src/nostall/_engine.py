@@ -108,7 +108,10 @@ class Engine:
         self._streams: Streams | None = None  # iterable datasets: each worker's position (for resume)
         self._made_by: dict = {}  # iterable datasets: key of a ready batch -> (worker, state, ended)
         self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
-        self.tuner: AutoTuner | None = None  # num_workers="auto" / prefetch_factor="auto"
+        self.tuner: AutoTuner | None = None  # num_workers="auto" / prefetch_factor="auto" / worker_type="auto"
+        self._kind = "thread" if config.worker_type == "thread" else "process"  # the pool's workers
+        self._kind_open = config.worker_type == "auto"  # not chosen yet (processes until then)
+        self._drew_global = False  # a watched batch drew from the global RNGs
         self._started_workers = 0
         self._loop_returned = 0.0  # when the loop last got a batch (for the tuner)
         self._polled = 0.0
@@ -153,7 +156,7 @@ class Engine:
     def _start_pool(self) -> None:
         n, seed = self.config.num_workers, self.planner.base_seed
         start = None
-        if self.config.auto_workers or self.config.auto_prefetch:
+        if self.config.auto_workers or self.config.auto_prefetch or self._kind_open:
             if self.tuner is None:
                 budget = local_cpu_budget()  # usable CPUs shared among this machine's ranks
                 first = initial_workers(budget, n) if self.config.auto_workers else n
@@ -162,7 +165,7 @@ class Engine:
                                        tune_prefetch=self.config.auto_prefetch)
                 self.worker_log.tuner = self.tuner
             start = self.tuner.workers
-        if self.config.worker_type == "thread":
+        if self._kind == "thread":
             self.pool = ThreadPool(self.spec, n, seed, start)
         else:
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
@@ -386,8 +389,9 @@ class Engine:
         if result.done:
             self._last_done[worker_id] = result.done
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
-        if self.tuner is not None and self.config.worker_type != "thread":  # threads count in process_time
+        if self.tuner is not None and self._kind != "thread":  # threads count in process_time
             self._tuned_cpu = (self._tuned_cpu[0], self._tuned_cpu[1] + result.cpu)
+            self._drew_global |= result.drew_global
         for worker, seconds in self._sched.answered(worker_id, result.started, result.done, result.cpu).items():
             self.pool.submit(worker, Pause(seconds))
         if not task.wanted:
@@ -421,6 +425,9 @@ class Engine:
         tuner = self.tuner
         if self._loop_returned:  # waiting: blocked on workers; working: the loop's own step
             tuner.observe(self._polled, called - self._loop_returned)
+        else:  # the first batch: judge from here on, not from the workers' start-up
+            tuner.begin_period(now)
+            self._tuned_cpu = (time.process_time(), 0.0)
         self._loop_returned = now
         if not tuner.due(now):
             return
@@ -431,8 +438,36 @@ class Engine:
         self._tuned_cpu = (cpu_now, 0.0)
         costs = sorted(self._sched.costs(active))
         cpu_costs = sorted(self._sched.costs(active, cpu=True))
-        if costs and tuner.decide(now, costs[len(costs) // 2], cpu_costs[len(cpu_costs) // 2], cpu_used):
+        if not costs:
+            return
+        cost, cpu_cost = costs[len(costs) // 2], cpu_costs[len(cpu_costs) // 2]
+        if self._kind_open:
+            self._kind_open = False
+            if tuner.choose_worker_type(now, cost, cpu_cost, self._drew_global) == "thread":
+                self._switch_to_threads()
+                self._loop_returned = time.monotonic()  # the switch is neither waiting nor the loop's work
+                tuner.begin_period(self._loop_returned)
+                return
+        if tuner.decide(now, cost, cpu_cost, cpu_used):
             self._apply_tuning()
+
+    def _switch_to_threads(self) -> None:
+        """worker_type="auto" chose threads: the process workers finish the batches they
+        hold (delivered as usual), then thread workers take over. Threads share the
+        user's dataset object, so an epoch prepared ahead from a predicted dataset
+        state is made again when allowed."""
+        while self._inflight:
+            for worker_id, result in self._poll(self._current):
+                self._receive(worker_id, result)
+            self._check_hangs()
+        self._close_pool()
+        self._kind = "thread"
+        self.planner.dataset_in_workers = False
+        self.planner.discard_ahead()
+        current = self._current.serial
+        self._ready = {k: r for k, r in self._ready.items() if k[0] == current}
+        self._arrivals = [k for k in self._arrivals if k in self._ready]
+        self._start_pool()
 
     def _apply_tuning(self) -> None:
         wanted = self.tuner.workers

@@ -149,6 +149,13 @@ class DataLoader(tud.DataLoader):
                 "`num_workers='auto'` needs a map-style dataset: an iterable dataset shards its stream "
                 "by the number of workers, which 'auto' changes. Pass a number of workers."
             )
+        if worker_type == "auto" and (self._dataset_kind == 1 or num_workers == 0):
+            raise ValueError(
+                "`worker_type='auto'` needs a map-style dataset and num_workers > 0 (it may switch "
+                "running workers from processes to threads, and an iterable dataset's workers each "
+                f"hold a stream position); got {'an iterable dataset' if self._dataset_kind == 1 else 'num_workers=0'}. "
+                "Pass worker_type='process' or 'thread'."
+            )
         self.in_order = in_order
         self.worker_type = worker_type
         # nostall's own arguments as attributes of the same names: frameworks that rebuild a
@@ -213,7 +220,7 @@ class DataLoader(tud.DataLoader):
             weakref.proxy(self),
             lookahead=cfg.persistent and cfg.num_workers > 0,
             torch_persistent=self._torch_persistent,
-            dataset_in_workers=cfg.worker_type == "process",
+            dataset_in_workers=cfg.worker_type != "thread",  # "auto" starts with processes
         )
         spec = WorkSpec(
             dataset=self.dataset,
@@ -223,6 +230,7 @@ class DataLoader(tud.DataLoader):
             drop_last=self.drop_last,
             worker_init_fn=self.worker_init_fn,
             skip_errors=cfg.on_sample_error == "skip",
+            watch_globals=cfg.worker_type == "auto",
         )
         engine = Engine(cfg, planner, spec, self._ctx, pin_device)
         if self._recorder is not None:

@@ -137,7 +137,7 @@ class Planner:
         self.iterable = loader._dataset_kind == 1  # torch's _DatasetKind.Iterable
         self.lookahead = lookahead and not self.iterable
         self._redraw_each_epoch = not torch_persistent
-        self._dataset_in_workers = dataset_in_workers
+        self.dataset_in_workers = dataset_in_workers  # each worker holds its own copy
         self.base_seed: int | None = None
         self._private: torch.Generator | None = None
         self._builtin_random = isinstance(loader.sampler, RandomSampler) and getattr(
@@ -291,6 +291,11 @@ class Planner:
                 self._states[-1] = self._state()  # predictions start from the swapped sampler
         return plan
 
+    def discard_ahead(self) -> None:
+        """Forget the plan prepared ahead, if any (it is made again when allowed)."""
+        if self._ahead is not None:
+            self.discard(self._ahead)
+
     def discard(self, plan: EpochPlan) -> None:
         """Forget a plan prepared ahead, rewinding every generator it drew from."""
         for generator, saved in plan.rewind:
@@ -400,7 +405,7 @@ class Planner:
             return None
         state = self._states[-1]
         predicted = self._predict(state)
-        if predicted["dataset"] != state["dataset"] and not self._dataset_in_workers:
+        if predicted["dataset"] != state["dataset"] and not self.dataset_in_workers:
             return None  # we would have to change the user's own dataset object
         gens = _generators(self._watched().values())
         if self._loader.generator is not None:

@@ -34,6 +34,7 @@ class WorkSpec:
     drop_last: bool
     worker_init_fn: Callable | None
     skip_errors: bool = False  # leave failing samples out of their batch instead of raising
+    watch_globals: bool = False  # report batches that draw from the global RNGs (worker_type="auto")
 
 
 class Task(NamedTuple):
@@ -91,6 +92,10 @@ class Result(NamedTuple):
     note: str = ""  # "shm-full: ...": /dev/shm was full, this worker now sends through its pipe
     state: Any = None
     ended: bool = False
+    drew_global: bool = False  # the dataset drew from a global RNG (watched batches only)
+
+
+_WATCHED_BATCHES = 8  # batches per worker checked for global-RNG draws (worker_type="auto")
 
 
 class BatchMaker:
@@ -114,6 +119,8 @@ class BatchMaker:
         self._state = None  # the dataset's state after the batch just made
         self._ended = False  # the stream ended within the batch just made
         self._resume_error = None  # a failed Resume, reported with the next batch
+        self._watch_left = _WATCHED_BATCHES if spec.watch_globals else 0
+        self._drew_global = False
 
     def apply_attrs(self, attrs: dict) -> None:
         """Mirror attributes the main process reassigned on its dataset (e.g. by set_epoch)."""
@@ -127,13 +134,15 @@ class BatchMaker:
         note, self.note = self.note, ""
         state, self._state = self._state, None
         ended, self._ended = self._ended, False
+        drew, self._drew_global = self._drew_global, False
         return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu,
-                      tuple(self._skipped), note, state, ended)
+                      tuple(self._skipped), note, state, ended, drew)
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
         if self.seed_globals:
             _seeding.seed_globals(seed)
+        watched = _seeding.global_rng_fingerprint() if self._watch_left > 0 else None
         _seeding._begin_batch(self.rng, seed)
         current = [task.indices]
         try:
@@ -156,6 +165,9 @@ class BatchMaker:
             return "error", torch._utils.ExceptionWrapper(where=where)
         finally:
             _seeding._end_batch()
+            if watched is not None:
+                self._watch_left -= 1
+                self._drew_global = _seeding.global_rng_fingerprint() != watched
 
     def _fetch_map(self, indices, current: list):
         spec = self.spec
