@@ -19,7 +19,8 @@ Method
        type process / thread, each measured once for ``--seconds`` after its
        first batch.
     2. Final: the three best sweep configurations, the fewest-workers one within
-       2% of the best, and "auto" (run ``--auto-seconds``, measured over its last
+       2% of the best, and "auto" (``num_workers="auto", worker_type="auto"``,
+       prefetch 2; run ``--auto-seconds``, measured over its last
        ``--seconds``; "settled" is the tuner's last change), interleaved and
        repeated ``--repeat`` times; medians. The best of many single noisy
        measurements overstates the best, so ratios use the final medians.
@@ -149,7 +150,8 @@ def run(dataset, batch_size: int, config: tuple, seconds: float, step_ms: float,
     recent = [(t, n) for t, n in marks if t >= end - window_s]
     rate = sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
     settled = tuner[-1]["at_s"] if tuner else 0.0
-    return dict(rate=rate, settled_s=settled, workers=chosen, tuner=tuner)
+    kinds = [d["worker_type"] for d in tuner or [] if d["worker_type"]]
+    return dict(rate=rate, settled_s=settled, workers=f"{chosen} {kinds[-1] if kinds else kind}", tuner=tuner)
 
 
 def label(config: tuple) -> str:
@@ -174,7 +176,7 @@ def case(name: str, step_ms: float, args) -> dict:
     finalists = list(dict.fromkeys([*ranked[:3], fewest]))
     rates = {c: [] for c in finalists}
     autos = []
-    auto = ("auto", 2, "process")
+    auto = ("auto", 2, "auto")
     for r in range(args.repeat):
         for config in finalists:
             rates[config].append(run(dataset, batch_size, config, args.seconds, step_ms, args.seconds)["rate"])
@@ -209,7 +211,7 @@ def doubling(args) -> dict:
     for _ in range(args.repeat):
         switch = time.time() + args.switch_s
         dataset = SlowingReads(4000, 0.010, switch_at=switch)
-        result = run(dataset, batch_size, ("auto", 2, "process"), args.switch_s + args.auto_seconds, step_ms,
+        result = run(dataset, batch_size, ("auto", 2, "auto"), args.switch_s + args.auto_seconds, step_ms,
                      args.seconds)
         # The tuner's clock starts when its pool does, a few ms after `switch` was set.
         after = [d["at_s"] - args.switch_s for d in result["tuner"] if d["at_s"] >= args.switch_s]

@@ -10,7 +10,7 @@ from conftest import assert_same_epochs
 from datasets import EpochAware, Indexed, SimpleIterable, Sleepy
 
 import nostall
-from nostall._autotune import AutoTuner
+from nostall._autotune import RETRY_PERIODS, AutoTuner
 
 
 def _period(tuner: AutoTuner, now: float, waiting: float, batches_per_s: float, *, cost=0.1, cpu_cost=0.0,
@@ -40,8 +40,8 @@ def test_grows_towards_the_need_at_most_doubling_then_steps_back():
     assert _period(t, 4, 0.9, 25.5) and t.workers == 8  # 8 more did not pay: back, and no more
     _settle(t, 4.5)
     assert not _period(t, 5, 0.9, 25) and t.workers == 8  # at the ceiling it learnt
-    for k in range(8):  # ... until the loop has waited there for RETRY_PERIODS periods
-        _period(t, 6 + k, 0.9, 25)  # (counting the one at 4.5)
+    for k in range(RETRY_PERIODS - 2):  # ... until the loop has waited there for RETRY_PERIODS
+        _period(t, 6 + k, 0.9, 25)  # periods (counting the one at 4.5)
     assert t.workers == 9  # then it tries one above it
     _settle(t, 14.5)
     assert _period(t, 15, 0.9, 30) and t.workers == 18  # that paid: the limit was wrong, grow again
@@ -63,6 +63,16 @@ def test_the_need_sizes_a_step_and_a_small_gain_counts_when_waiting_was_small():
     _settle(t, 3.5)
     assert _period(t, 4, 0.03, 30, cost=0.2) and t.workers == 13  # a 3% wait is a loss: back
     assert _period(t, 5, 0.0, 31, cost=0.2) and t.workers == 9  # 8 waited; 9 may not
+
+
+def test_a_step_is_not_judged_when_the_batches_cost_changed_meanwhile():
+    t = AutoTuner(max_workers=32, cpu_budget=2, workers=2, tune_prefetch=False)
+    assert _period(t, 1, 0.9, 10, cost=0.1) and t.workers == 4
+    _settle(t, 1.5)
+    # Batches now take twice as long: the rate fell although the step helped. Not
+    # taken back; the loop still waits, so it grows towards the new need.
+    assert _period(t, 2, 0.9, 7, cost=0.2) and t.workers == 8
+    assert not any("did not raise" in d.reason for d in t.decisions)
 
 
 def test_shrinks_to_the_need_in_one_step_at_most_half():

@@ -14,8 +14,9 @@ seconds per batch, plus ``HEADROOM``. Then:
   batch's time to start delivering): it stays if the delivery rate rose by
   ``GAIN`` (or by half of what the waiting left to gain) or the waiting halved;
   otherwise it is taken back and growing stops there (for ``RETRY_PERIODS``
-  periods of waiting). The loop waited with the workers it had, so the tuner
-  never goes back below them;
+  periods of waiting). If a batch's own cost moved meanwhile (the workload
+  changed), the rates do not compare and the step stays unjudged. The loop
+  waited with the workers it had, so the tuner never goes back below them;
 * the loop waits although the workers are mostly idle: the window is too small,
   raise ``prefetch_factor`` (up to ``MAX_PREFETCH``);
 * the loop never waits (under ``IDLE``) and fewer workers would do: shrink to the
@@ -48,7 +49,8 @@ MAX_PREFETCH = 4
 CPU_FULL = 0.75  # share of the CPU budget the job uses beyond which computing workers are not added
 COMPUTES = 0.3  # a worker whose CPU seconds are this share of its seconds per batch computes
 COST_CHANGE = 1.6  # a batch this many times costlier (or cheaper) than when limits were learnt
-RETRY_PERIODS = 10  # periods of waiting at a learnt ceiling before trying above it again
+CHANGED_UNDER = 1.25  # a change is judged only if a batch's cost moved less than this meanwhile
+RETRY_PERIODS = 5  # periods of waiting at a learnt ceiling before trying above it again
 
 
 @dataclass
@@ -89,6 +91,7 @@ class AutoTuner:
     _at_ceiling: int = 0  # periods the loop waited with growth stopped
     _learnt: tuple = ()  # (seconds, CPU seconds) per batch when the limits were learnt
     _batch_cost: float = 0.0  # a worker's seconds per batch in the last period
+    _changed_at: float = 0.0  # a batch's own cost in the period that decided the last change
 
     def __post_init__(self) -> None:
         self._ceiling = self.max_workers
@@ -129,6 +132,12 @@ class AutoTuner:
             self._settling, self._pending = True, pending  # new workers are still starting: judge
             return False  # the change on the next period
         self._settling = False
+        # A batch's own cost: CPU seconds for computing workers (contention stretches their
+        # seconds), seconds for waiting ones.
+        intrinsic = cpu_cost if computes else cost
+        changed_at, self._changed_at = self._changed_at, intrinsic
+        if pending and changed_at and not 1 / CHANGED_UNDER < intrinsic / changed_at < CHANGED_UNDER:
+            pending = ""  # the batches' cost moved meanwhile: rates before and after do not compare
         if pending == "add":
             wanted_gain = 1 + min(GAIN - 1, self._last_waiting / 2)  # waiting 4% can give 4% at most
             if rate < wanted_gain * self._last_rate and waiting > self._last_waiting / 2:
