@@ -14,7 +14,8 @@ Method
     Workloads: latency-bound (each sample waits 10 ms), SpotGEO-like frames (PNG
     decode), pure-Python CPU work holding the GIL (~0.3 ms a sample), and tiny
     samples (~10 us); each with no training step and with a 30 ms training step of
-    fixed CPU work (matmuls, calibrated on an idle core before anything runs).
+    fixed CPU work on one core (matmuls with one intra-op thread, calibrated on an
+    idle core before anything runs).
     1. Sweep: num_workers 0, 1, 2, 4, 8, 16, 32 x prefetch_factor 1, 2, 4 x worker
        type process / thread, each measured once for ``--seconds`` after its
        first batch.
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-doubling", action="store_true")
     p.add_argument("--out", default="bench-results/bench_auto.json")
     args = p.parse_args(argv)
+    # The step runs on one core, as the CPU side of a GPU training step does; with
+    # torch's default intra-op threads on every core, any busy worker would halve it.
+    torch.set_num_threads(1)
     _matmuls_per_ms()  # calibrate the step before any worker competes for the CPU
     rows = [case(name, step_ms, args) for name in args.workloads for step_ms in args.steps]
     print("| workload | step (ms) | best fixed (median) | its configuration | fewest workers within 2% | "

@@ -17,25 +17,26 @@ still count against the window until then, so the bound always holds.
 from __future__ import annotations
 
 import itertools
-import signal
 import time
 import warnings
 from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from . import _diagnose, _limits, _resume, _seeding, _transport
+from . import _limits, _seeding, _transport
 from ._autotune import AutoTuner, initial_workers
 from ._config import PoolConfig
 from ._distributed import local_cpu_budget
+from ._engine_faults import FaultHandling
+from ._engine_resume import Resuming
+from ._engine_tuning import Tuning
 from ._plan import EpochPlan, Planner, object_state
-from ._pool import ProcessPool, ThreadPool, WorkerExit
+from ._pool import ProcessPool, ThreadPool
 from ._resume import Streams
 from ._schedule import Scheduler
 from ._stats import WorkerLog
 from ._supervise import Supervisor
-from ._worker import BatchMaker, Pause, PipeOnly, Result, Resume, Task, WorkSpec
-
+from ._worker import BatchMaker, Pause, PipeOnly, Result, Task, WorkSpec
 
 _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not worth a warning
 _warned_copy_on_read = False
@@ -75,8 +76,11 @@ class _InFlight:
     wanted: bool = True
 
 
-class Engine:
-    """Runs epochs for one loader. Holds no reference to the loader object itself."""
+class Engine(Resuming, FaultHandling, Tuning):
+    """Runs epochs for one loader. Holds no reference to the loader object itself.
+
+    Its parts in resume, supervision and auto-tuning live in ``_engine_resume``,
+    ``_engine_faults`` and ``_engine_tuning``."""
 
     def __init__(self, config: PoolConfig, planner: Planner, spec: WorkSpec, ctx, pin_device):
         self.config = config
@@ -284,21 +288,6 @@ class Engine:
                 self._track_delivery(plan, (plan.serial, self._deliver_no - 1))
         return result
 
-    def _track_delivery(self, plan: EpochPlan, key: tuple) -> None:
-        """Resume bookkeeping for a delivered batch (iterable datasets, stateful samplers only)."""
-        if self._streams is not None:
-            self._streams.delivered(*self._made_by.pop(key))
-        if plan.sampler_states is not None:  # keep the state after the last delivered batch
-            upto = self._deliver_no if self.config.in_order else self._delivered_prefix(plan)
-            plan.forget_before(upto - 1)
-
-    def _delivered_prefix(self, plan: EpochPlan) -> int:
-        """in_order=False: n such that batches 0..n-1 are all delivered and the sampler
-        state after batch n-1 is known (drawn in this run, or the one loaded)."""
-        while self._prefix in self._delivered:
-            self._prefix += 1
-        return min(self._prefix, plan.next_batch_no)
-
     def _deliver(self, result: Result):
         if result.kind == "error":
             result.payload.reraise()
@@ -417,274 +406,6 @@ class Engine:
             self._made_by[key] = (worker_id, result.state, result.ended)
         if not self.config.in_order:
             self._arrivals.append(key)
-
-    # -- num_workers="auto" -------------------------------------------------------------
-    def _tune(self, called: float) -> None:
-        """Feed the tuner one delivery; at the end of a period apply what it decides."""
-        now = time.monotonic()
-        tuner = self.tuner
-        if self._loop_returned:  # waiting: blocked on workers; working: the loop's own step
-            tuner.observe(self._polled, called - self._loop_returned)
-        else:  # the first batch: judge from here on, not from the workers' start-up
-            tuner.begin_period(now)
-            self._tuned_cpu = (time.process_time(), 0.0)
-        self._loop_returned = now
-        if not tuner.due(now):
-            return
-        active = self._sched.active
-        span = max(now - tuner.period_start, 1e-9)
-        cpu_now = time.process_time()  # this process: the loop, and thread workers if any
-        cpu_used = (cpu_now - self._tuned_cpu[0] + self._tuned_cpu[1]) / span
-        self._tuned_cpu = (cpu_now, 0.0)
-        costs = sorted(self._sched.costs(active))
-        cpu_costs = sorted(self._sched.costs(active, cpu=True))
-        if not costs:
-            return
-        cost, cpu_cost = costs[len(costs) // 2], cpu_costs[len(cpu_costs) // 2]
-        if self._kind_open:
-            self._kind_open = False
-            if tuner.choose_worker_type(now, cost, cpu_cost, self._drew_global) == "thread":
-                self._switch_to_threads()
-                self._loop_returned = time.monotonic()  # the switch is neither waiting nor the loop's work
-                tuner.begin_period(self._loop_returned)
-                return
-        if tuner.decide(now, cost, cpu_cost, cpu_used):
-            self._apply_tuning()
-
-    def _switch_to_threads(self) -> None:
-        """worker_type="auto" chose threads: the process workers finish the batches they
-        hold (delivered as usual), then thread workers take over. Threads share the
-        user's dataset object, so an epoch prepared ahead from a predicted dataset
-        state is made again when allowed."""
-        while self._inflight:
-            for worker_id, result in self._poll(self._current):
-                self._receive(worker_id, result)
-            self._check_hangs()
-        self._close_pool()
-        self._kind = "thread"
-        self.planner.dataset_in_workers = False
-        self.planner.discard_ahead()
-        current = self._current.serial
-        self._ready = {k: r for k, r in self._ready.items() if k[0] == current}
-        self._arrivals = [k for k in self._arrivals if k in self._ready]
-        self._start_pool()
-
-    def _apply_tuning(self) -> None:
-        wanted = self.tuner.workers
-        while self._started_workers < wanted:
-            self.pool.add(self._started_workers)
-            self._sched.add_worker(self._started_workers)
-            self._started_workers += 1
-        self.worker_log.started_workers = self._started_workers
-        self._sched.active = set(range(wanted))
-
-    # -- resume ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Where the loop is: the epoch, the batches of it already delivered, and what
-        the epoch's order depends on (see ``Planner.state`` and ``_resume``)."""
-        plan = self._current
-        if plan is None or self._epoch_over:
-            return self._state_between(plan)
-        if self._inline is not None:  # in-process loading delivers in order
-            delivered = upto = plan.next_batch_no
-            if plan.skip:  # resumed from an out-of-order save: some later batches came before
-                delivered = sorted(set(range(upto)) | plan.skip)
-        elif self.config.in_order:
-            delivered = upto = self._deliver_no
-        else:
-            delivered = sorted(self._delivered)
-            upto = self._delivered_prefix(plan)  # a stateful sampler is saved after this prefix
-        count = delivered if isinstance(delivered, int) else len(delivered)
-        if count == self.planner.epoch_batches():  # all delivered; the loop just did not ask again
-            return self._state_between(plan)  # (Lightning stops at len(loader))
-        streams = None
-        if self._streams is not None:
-            pending = {made[0] for made in self._made_by.values()}  # made, not yet delivered
-            # A worker whose stream ended with every batch of it delivered sits out the rest.
-            exhausted = [w for w in self._streams.stops if w not in pending]
-            streams = self._streams.save(self.config.num_workers, exhausted)
-        return dict(self.planner.state(plan, upto), delivered=delivered, streams=streams)
-
-    def _state_between(self, finished: EpochPlan | None) -> dict:
-        """The state for the start of the epoch after ``finished``."""
-        streams = None
-        if self.planner.iterable:
-            streams = Streams(max(1, self.config.num_workers)).save(self.config.num_workers, [])
-        return dict(self.planner.state_of_next(finished), delivered=0, streams=streams)
-
-    def load(self, state: dict) -> None:
-        """Make the next ``begin_epoch`` continue the saved epoch after its delivered batches."""
-        self.planner.restore(state)
-        self._resume = state
-
-    def _skip_delivered(self, plan: EpochPlan, state: dict) -> None:
-        """Start the resumed ``plan`` after the batches delivered before the save."""
-        delivered, sampler = state["delivered"], state["sampler"]
-        if not self.config.in_order:  # a later save lists them too
-            self._delivered = set(range(delivered)) if isinstance(delivered, int) else set(delivered)
-        if self.planner.iterable:
-            # Each worker's stream resumes by itself (_begin_streams); batch numbers, which
-            # seed the batches, go on from the saved ones.
-            plan.next_batch_no = delivered if isinstance(delivered, int) else max(delivered, default=-1) + 1
-            self._deliver_no = plan.next_batch_no
-        elif sampler is not None and not sampler["ended"]:
-            # The sampler continues after batch upto-1 by itself (Planner.restore): pull nothing,
-            # number the batches as the uninterrupted run did.
-            upto = sampler["upto"]
-            plan.next_batch_no = upto
-            plan.sampler_states[upto - 1] = sampler["state"]  # saving again at once gives it back
-            if isinstance(delivered, int):
-                self._deliver_no = delivered
-            else:
-                plan.skip = frozenset(b for b in delivered if b >= upto)
-        elif isinstance(delivered, int):  # in order: the first `delivered` batches, by index only
-            for _ in range(delivered):
-                if self.planner.pull(plan) is None:
-                    break
-            self._deliver_no = delivered
-        else:
-            plan.skip = frozenset(delivered)
-
-    def _begin_streams(self, plan: EpochPlan, saved: dict | None) -> None:
-        """Iterable datasets: round-robin over the workers' streams; after a resume,
-        each stream starts where the saved run left it (``Resume``), workers whose
-        stream had ended sit out, and the round-robin goes on after the last worker."""
-        n = self.config.num_workers
-        self._streams = Streams(max(1, n)) if saved is None else Streams.restore(saved)
-        self._made_by = {}
-        ended = set(saved["exhausted"]) if saved is not None else set()
-        start = 0 if saved is None or saved["last"] is None else (saved["last"] + 1) % max(1, n)
-        self._active = set(range(n)) - ended
-        self._rr = itertools.cycle([*range(start, n), *range(start)])
-        if saved is None:
-            return
-        if self._inline is not None and ended:  # in-process: the one stream had ended
-            plan.batches = iter(())
-            return
-        # Thread workers share one dataset object: they replay their batches instead.
-        own_dataset = (self.pool is None or self.pool.passes_attrs) and _resume.stateful(self.spec.dataset)
-        for w, (state, count) in enumerate(saved["workers"]):
-            if w in ended:
-                continue
-            if state is not None and own_dataset:
-                msg = Resume(plan.number, state)
-            else:
-                msg = Resume(plan.number, None, count * self.planner.samples_per_batch())
-            if self._inline is not None:
-                self._inline.resume(msg)
-                continue
-            if self.pool.passes_attrs:  # attributes first: they must not overwrite the loaded state
-                self._sync_dataset(w, plan)
-            self.pool.submit(w, msg)
-
-    # -- supervision ---------------------------------------------------------------
-    def _check_shm(self, batch) -> None:
-        """After the first batch: would the batches in flight fit in /dev/shm?"""
-        self._shm_checked = True
-        per_batch = _transport.shared_bytes(batch)
-        free = _limits.shm_free_bytes()
-        if not per_batch or free is None:
-            return
-        need = per_batch * (self.config.window + 2)  # in flight, plus the loop's and the next
-        if need > free:
-            self._go_pipe_only(f"/dev/shm has {free / 2**20:,.1f} MB free, and the {self.config.window} "
-                               f"batches in flight need about {need / 2**20:,.1f} MB "
-                               f"({per_batch / 2**20:,.1f} MB each)")
-
-    @staticmethod
-    def _shm_text() -> str:
-        free, size = _limits.shm_free_bytes() or 0, _limits.shm_size_bytes() or 0
-        return f"{free / 2**20:,.1f} MB free of {size / 2**20:,.0f} MB"
-
-    def _go_pipe_only(self, why: str) -> None:
-        """Send whole batches through the pipes from now on: slower for large batches,
-        but a full /dev/shm can no longer kill workers with SIGBUS."""
-        if self._pipe_only:
-            return
-        self._pipe_only = why
-        warnings.warn(
-            f"{why}. nostall now copies batches through its pipes instead of shared memory (slower "
-            "for large batches, no crash). To use shared memory again, give /dev/shm more room "
-            "(e.g. `docker run --shm-size=2g`) or lower batch_size or prefetch_factor.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        for w in list(self._sched.load):
-            self.pool.submit(w, PipeOnly(why))
-
-    def _replace(self, worker_id: int, exit: WorkerExit) -> None:
-        """A worker process is gone: start another in its place and send its batches
-        again (per-batch seeding makes them identical), or give up and raise."""
-        held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
-        cause = self.supervisor.death_cause(worker_id, exit)
-        _diagnose.forget_stack_file(exit.pid)
-        shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
-        if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
-            cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
-            self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
-                               f"({self._shm_text()})")
-        # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
-        excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
-        if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
-            self.close()
-            raise RuntimeError(self.supervisor.gave_up(
-                cause, [t.indices for _, t in held if t.wanted], self.planner.iterable))
-        self.pool.restart(worker_id)
-        if self._pipe_only:
-            self.pool.submit(worker_id, PipeOnly(self._pipe_only))
-        self._sched.reset(worker_id)
-        self._last_done.pop(worker_id, None)
-        self._worker_dstate[worker_id] = self._start_dstate
-        again = 0
-        for tid, task in held:
-            del self._inflight[tid]
-            if task.wanted:
-                self._submit(self._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
-                again += 1
-        warnings.warn(
-            f"{cause}. nostall started a new worker in its place (restart {len(self.supervisor.restarts)} of "
-            f"at most {self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the "
-            "epoch goes on with the same batches.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-    def _check_hangs(self) -> None:
-        """Report a batch that has run far longer than its peers, with its worker's
-        stack; then restart that worker or raise (``on_hang``)."""
-        if not self._inflight:
-            return
-        now = time.monotonic()
-        threshold, how = self.supervisor.hang_threshold(self._sched.costs())
-        oldest: dict[int, tuple] = {}
-        for tid, task in self._inflight.items():
-            if task.wanted and (task.worker_id not in oldest or tid < oldest[task.worker_id][0]):
-                oldest[task.worker_id] = (tid, task)
-        for worker_id, (tid, task) in oldest.items():
-            started = max(task.submitted, self._last_done.get(worker_id, 0.0))
-            if now - started <= threshold or tid in self.supervisor.reported:
-                continue
-            self.supervisor.reported.add(tid)
-            self._hung(worker_id, task, now - started, how)
-
-    def _hung(self, worker_id: int, task: _InFlight, elapsed: float, how: str) -> None:
-        pid = self.pool.pids.get(worker_id)
-        who = f"nostall worker {worker_id}" + (f" (pid {pid})" if pid else " (a thread)")
-        what = f"batch {task.batch_no} of epoch {task.plan.number}"
-        if not self.planner.iterable:
-            what += f", sample indices {task.indices}"
-        message = self.supervisor.hang_message(who, what, elapsed, how, self.pool.stack(worker_id))
-        if self.config.on_hang == "raise" or not self.pool.can_restart:
-            self.close()
-            fix = ("Find why that sample never finishes (the stack above shows where it is); "
-                   "raise hang_timeout if such batches are legitimately slow")
-            if self.config.on_hang == "restart":
-                fix += "; thread workers cannot be stopped, use worker_type='process' to restart them"
-            raise RuntimeError(f"{message}\nThe loader was closed. {fix}.")
-        warnings.warn(f"{message}\nnostall stops that worker and makes its batches again in a new one "
-                      "(on_hang='restart').", RuntimeWarning, stacklevel=3)
-        self.supervisor.hung[worker_id] = f"{who} hung on {what} for {elapsed:.1f} s and was stopped"
-        self.pool.kill(worker_id)
 
     # -- lifecycle ------------------------------------------------------------
     def worker_pids(self) -> list:

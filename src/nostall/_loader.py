@@ -57,7 +57,10 @@ class DataLoader(tud.DataLoader):
     * ``worker_type="thread"`` runs workers as threads of this process (for datasets
       that wait on I/O and release the GIL); ``"process"`` (default) uses processes
       forked from one factory process, so ``spawn`` starts in about the time of one
-      interpreter, not ``num_workers`` of them.
+      interpreter, not ``num_workers`` of them; ``"auto"`` starts with processes and
+      switches to threads when the workers mostly wait (see ``nostall._autotune``).
+    * ``num_workers="auto"`` / ``prefetch_factor="auto"`` tune themselves while the
+      loop runs (``loader.stats.tuner`` says what changed and why).
 
     At most ``num_workers * prefetch_factor`` batches are in flight at once (made
     or being made but not yet returned to you), including those prepared for the

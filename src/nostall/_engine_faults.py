@@ -1,0 +1,133 @@
+"""The engine's part in supervision: dead and hung workers, and a /dev/shm too small.
+
+``Supervisor`` (``_supervise``) holds the policy and the messages; this mixin acts
+on the pool: replaces a dead worker and sends its batches again, reports and
+stops a hung one, and moves batches to the pipes when /dev/shm cannot hold them.
+It works on ``Engine``'s state (pool, in-flight tasks, scheduler).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+from . import _diagnose, _limits, _transport
+from ._pool import WorkerExit
+from ._worker import PipeOnly
+
+if TYPE_CHECKING:
+    from ._engine import _InFlight
+
+
+class FaultHandling:
+    """Supervision methods of ``Engine`` (see the module docstring)."""
+
+    def _check_shm(self, batch) -> None:
+        """After the first batch: would the batches in flight fit in /dev/shm?"""
+        self._shm_checked = True
+        per_batch = _transport.shared_bytes(batch)
+        free = _limits.shm_free_bytes()
+        if not per_batch or free is None:
+            return
+        need = per_batch * (self.config.window + 2)  # in flight, plus the loop's and the next
+        if need > free:
+            self._go_pipe_only(f"/dev/shm has {free / 2**20:,.1f} MB free, and the {self.config.window} "
+                               f"batches in flight need about {need / 2**20:,.1f} MB "
+                               f"({per_batch / 2**20:,.1f} MB each)")
+
+    @staticmethod
+    def _shm_text() -> str:
+        free, size = _limits.shm_free_bytes() or 0, _limits.shm_size_bytes() or 0
+        return f"{free / 2**20:,.1f} MB free of {size / 2**20:,.0f} MB"
+
+    def _go_pipe_only(self, why: str) -> None:
+        """Send whole batches through the pipes from now on: slower for large batches,
+        but a full /dev/shm can no longer kill workers with SIGBUS."""
+        if self._pipe_only:
+            return
+        self._pipe_only = why
+        warnings.warn(
+            f"{why}. nostall now copies batches through its pipes instead of shared memory (slower "
+            "for large batches, no crash). To use shared memory again, give /dev/shm more room "
+            "(e.g. `docker run --shm-size=2g`) or lower batch_size or prefetch_factor.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        for w in list(self._sched.load):
+            self.pool.submit(w, PipeOnly(why))
+
+    def _replace(self, worker_id: int, exit: WorkerExit) -> None:
+        """A worker process is gone: start another in its place and send its batches
+        again (per-batch seeding makes them identical), or give up and raise."""
+        held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
+        cause = self.supervisor.death_cause(worker_id, exit)
+        _diagnose.forget_stack_file(exit.pid)
+        shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
+        if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
+            cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
+            self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
+                               f"({self._shm_text()})")
+        # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
+        excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
+        if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
+            self.close()
+            raise RuntimeError(self.supervisor.gave_up(
+                cause, [t.indices for _, t in held if t.wanted], self.planner.iterable))
+        self.pool.restart(worker_id)
+        if self._pipe_only:
+            self.pool.submit(worker_id, PipeOnly(self._pipe_only))
+        self._sched.reset(worker_id)
+        self._last_done.pop(worker_id, None)
+        self._worker_dstate[worker_id] = self._start_dstate
+        again = 0
+        for tid, task in held:
+            del self._inflight[tid]
+            if task.wanted:
+                self._submit(self._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
+                again += 1
+        warnings.warn(
+            f"{cause}. nostall started a new worker in its place (restart {len(self.supervisor.restarts)} of "
+            f"at most {self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the "
+            "epoch goes on with the same batches.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _check_hangs(self) -> None:
+        """Report a batch that has run far longer than its peers, with its worker's
+        stack; then restart that worker or raise (``on_hang``)."""
+        if not self._inflight:
+            return
+        now = time.monotonic()
+        threshold, how = self.supervisor.hang_threshold(self._sched.costs())
+        oldest: dict[int, tuple] = {}
+        for tid, task in self._inflight.items():
+            if task.wanted and (task.worker_id not in oldest or tid < oldest[task.worker_id][0]):
+                oldest[task.worker_id] = (tid, task)
+        for worker_id, (tid, task) in oldest.items():
+            started = max(task.submitted, self._last_done.get(worker_id, 0.0))
+            if now - started <= threshold or tid in self.supervisor.reported:
+                continue
+            self.supervisor.reported.add(tid)
+            self._hung(worker_id, task, now - started, how)
+
+    def _hung(self, worker_id: int, task: _InFlight, elapsed: float, how: str) -> None:
+        pid = self.pool.pids.get(worker_id)
+        who = f"nostall worker {worker_id}" + (f" (pid {pid})" if pid else " (a thread)")
+        what = f"batch {task.batch_no} of epoch {task.plan.number}"
+        if not self.planner.iterable:
+            what += f", sample indices {task.indices}"
+        message = self.supervisor.hang_message(who, what, elapsed, how, self.pool.stack(worker_id))
+        if self.config.on_hang == "raise" or not self.pool.can_restart:
+            self.close()
+            fix = ("Find why that sample never finishes (the stack above shows where it is); "
+                   "raise hang_timeout if such batches are legitimately slow")
+            if self.config.on_hang == "restart":
+                fix += "; thread workers cannot be stopped, use worker_type='process' to restart them"
+            raise RuntimeError(f"{message}\nThe loader was closed. {fix}.")
+        warnings.warn(f"{message}\nnostall stops that worker and makes its batches again in a new one "
+                      "(on_hang='restart').", RuntimeWarning, stacklevel=3)
+        self.supervisor.hung[worker_id] = f"{who} hung on {what} for {elapsed:.1f} s and was stopped"
+        self.pool.kill(worker_id)

@@ -1,0 +1,133 @@
+"""The engine's part in ``loader.state_dict()`` / ``load_state_dict()``.
+
+What was delivered (batch numbers, each iterable stream's position, the sampler's
+state after the last delivered batch) becomes a small state; loading one makes the
+next epoch start right after it. ``_plan`` replays the order, ``_resume`` checks
+and holds the per-stream bookkeeping. It works on ``Engine``'s state.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from . import _resume
+from ._plan import EpochPlan
+from ._resume import Streams
+from ._worker import Resume
+
+
+class Resuming:
+    """Resume methods of ``Engine`` (see the module docstring)."""
+
+    def _track_delivery(self, plan: EpochPlan, key: tuple) -> None:
+        """Resume bookkeeping for a delivered batch (iterable datasets, stateful samplers only)."""
+        if self._streams is not None:
+            self._streams.delivered(*self._made_by.pop(key))
+        if plan.sampler_states is not None:  # keep the state after the last delivered batch
+            upto = self._deliver_no if self.config.in_order else self._delivered_prefix(plan)
+            plan.forget_before(upto - 1)
+
+    def _delivered_prefix(self, plan: EpochPlan) -> int:
+        """in_order=False: n such that batches 0..n-1 are all delivered and the sampler
+        state after batch n-1 is known (drawn in this run, or the one loaded)."""
+        while self._prefix in self._delivered:
+            self._prefix += 1
+        return min(self._prefix, plan.next_batch_no)
+
+    def state_dict(self) -> dict:
+        """Where the loop is: the epoch, the batches of it already delivered, and what
+        the epoch's order depends on (see ``Planner.state`` and ``_resume``)."""
+        plan = self._current
+        if plan is None or self._epoch_over:
+            return self._state_between(plan)
+        if self._inline is not None:  # in-process loading delivers in order
+            delivered = upto = plan.next_batch_no
+            if plan.skip:  # resumed from an out-of-order save: some later batches came before
+                delivered = sorted(set(range(upto)) | plan.skip)
+        elif self.config.in_order:
+            delivered = upto = self._deliver_no
+        else:
+            delivered = sorted(self._delivered)
+            upto = self._delivered_prefix(plan)  # a stateful sampler is saved after this prefix
+        count = delivered if isinstance(delivered, int) else len(delivered)
+        if count == self.planner.epoch_batches():  # all delivered; the loop just did not ask again
+            return self._state_between(plan)  # (Lightning stops at len(loader))
+        streams = None
+        if self._streams is not None:
+            pending = {made[0] for made in self._made_by.values()}  # made, not yet delivered
+            # A worker whose stream ended with every batch of it delivered sits out the rest.
+            exhausted = [w for w in self._streams.stops if w not in pending]
+            streams = self._streams.save(self.config.num_workers, exhausted)
+        return dict(self.planner.state(plan, upto), delivered=delivered, streams=streams)
+
+    def _state_between(self, finished: EpochPlan | None) -> dict:
+        """The state for the start of the epoch after ``finished``."""
+        streams = None
+        if self.planner.iterable:
+            streams = Streams(max(1, self.config.num_workers)).save(self.config.num_workers, [])
+        return dict(self.planner.state_of_next(finished), delivered=0, streams=streams)
+
+    def load(self, state: dict) -> None:
+        """Make the next ``begin_epoch`` continue the saved epoch after its delivered batches."""
+        self.planner.restore(state)
+        self._resume = state
+
+    def _skip_delivered(self, plan: EpochPlan, state: dict) -> None:
+        """Start the resumed ``plan`` after the batches delivered before the save."""
+        delivered, sampler = state["delivered"], state["sampler"]
+        if not self.config.in_order:  # a later save lists them too
+            self._delivered = set(range(delivered)) if isinstance(delivered, int) else set(delivered)
+        if self.planner.iterable:
+            # Each worker's stream resumes by itself (_begin_streams); batch numbers, which
+            # seed the batches, go on from the saved ones.
+            plan.next_batch_no = delivered if isinstance(delivered, int) else max(delivered, default=-1) + 1
+            self._deliver_no = plan.next_batch_no
+        elif sampler is not None and not sampler["ended"]:
+            # The sampler continues after batch upto-1 by itself (Planner.restore): pull nothing,
+            # number the batches as the uninterrupted run did.
+            upto = sampler["upto"]
+            plan.next_batch_no = upto
+            plan.sampler_states[upto - 1] = sampler["state"]  # saving again at once gives it back
+            if isinstance(delivered, int):
+                self._deliver_no = delivered
+            else:
+                plan.skip = frozenset(b for b in delivered if b >= upto)
+        elif isinstance(delivered, int):  # in order: the first `delivered` batches, by index only
+            for _ in range(delivered):
+                if self.planner.pull(plan) is None:
+                    break
+            self._deliver_no = delivered
+        else:
+            plan.skip = frozenset(delivered)
+
+    def _begin_streams(self, plan: EpochPlan, saved: dict | None) -> None:
+        """Iterable datasets: round-robin over the workers' streams; after a resume,
+        each stream starts where the saved run left it (``Resume``), workers whose
+        stream had ended sit out, and the round-robin goes on after the last worker."""
+        n = self.config.num_workers
+        self._streams = Streams(max(1, n)) if saved is None else Streams.restore(saved)
+        self._made_by = {}
+        ended = set(saved["exhausted"]) if saved is not None else set()
+        start = 0 if saved is None or saved["last"] is None else (saved["last"] + 1) % max(1, n)
+        self._active = set(range(n)) - ended
+        self._rr = itertools.cycle([*range(start, n), *range(start)])
+        if saved is None:
+            return
+        if self._inline is not None and ended:  # in-process: the one stream had ended
+            plan.batches = iter(())
+            return
+        # Thread workers share one dataset object: they replay their batches instead.
+        own_dataset = (self.pool is None or self.pool.passes_attrs) and _resume.stateful(self.spec.dataset)
+        for w, (state, count) in enumerate(saved["workers"]):
+            if w in ended:
+                continue
+            if state is not None and own_dataset:
+                msg = Resume(plan.number, state)
+            else:
+                msg = Resume(plan.number, None, count * self.planner.samples_per_batch())
+            if self._inline is not None:
+                self._inline.resume(msg)
+                continue
+            if self.pool.passes_attrs:  # attributes first: they must not overwrite the loaded state
+                self._sync_dataset(w, plan)
+            self.pool.submit(w, msg)
