@@ -17,8 +17,9 @@ Method
     fixed CPU work on one core (matmuls with one intra-op thread, calibrated on an
     idle core before anything runs).
     1. Sweep: num_workers 0, 1, 2, 4, 8, 16, 32 x prefetch_factor 1, 2, 4 x worker
-       type process / thread, each measured once for ``--seconds`` after its
-       first batch.
+       type process / thread, each measured once for ``--seconds``, from when
+       the batches in flight at the start (num_workers x prefetch_factor, made
+       before the loop ran) were consumed and 0.5 s after its first batch.
     2. Final: the three best sweep configurations, the fewest-workers one within
        2% of the best, and "auto" (``num_workers="auto", worker_type="auto"``,
        prefetch 2; run ``--auto-seconds``, measured over its last
@@ -120,36 +121,36 @@ def build(name: str):
     return TinySamples(400_000), 256
 
 
-def run(dataset, batch_size: int, config: tuple, seconds: float, step_ms: float, window_s: float):
-    """Iterate for ``seconds`` after the first batch; the rate over the last ``window_s``."""
+def run(dataset, batch_size: int, config: tuple, seconds: float, step_ms: float, warmup_s: float = 0.5):
+    """The loop's rate over ``seconds``, measured once ``warmup_s`` have passed since
+    the first batch and the batches in flight at the start (num_workers x prefetch)
+    were consumed: those were made while the loop was not yet running, and counting
+    them would credit a large window with a burst it cannot sustain."""
     num_workers, prefetch, kind = config
     step = make_step(step_ms)
     kw = {} if num_workers == 0 else dict(prefetch_factor=prefetch, worker_type=kind)
     loader = nostall.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, **kw)
-    marks = []
-    started = None
+    burst = num_workers * prefetch if isinstance(num_workers, int) and num_workers else 0
+    marks, first, begin = [], None, None
     try:
-        while True:
+        while begin is None or marks[-1][0] - begin < seconds:
             for batch in loader:
                 now = time.perf_counter()
-                if started is None:
-                    started = now
+                first = first or now
+                if begin is None and now - first >= warmup_s and len(marks) >= burst:
+                    begin = now
                 marks.append((now, batch_len(batch)))
                 if step is not None:
                     step()
-                if now - started >= seconds:
+                if begin is not None and now - begin >= seconds:
                     break
-            else:
-                continue
-            break
         tuner = loader.stats.tuner
         engine_tuner = loader._engine.tuner if loader._engine is not None else None
         chosen = engine_tuner.workers if engine_tuner is not None else num_workers
     finally:
         loader.close()
-    end = marks[-1][0]
-    recent = [(t, n) for t, n in marks if t >= end - window_s]
-    rate = sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
+    measured = [(t, n) for t, n in marks if t >= begin]
+    rate = sum(n for _, n in measured[1:]) / max(measured[-1][0] - measured[0][0], 1e-9)
     settled = tuner[-1]["at_s"] if tuner else 0.0
     kinds = [d["worker_type"] for d in tuner or [] if d["worker_type"]]
     return dict(rate=rate, settled_s=settled, workers=f"{chosen} {kinds[-1] if kinds else kind}", tuner=tuner)
@@ -169,7 +170,7 @@ def case(name: str, step_ms: float, args) -> dict:
     dataset, batch_size = build(name)
     sweep = {}
     for config in sweep_configs(args.workers, args.prefetch, args.kinds):
-        sweep[config] = run(dataset, batch_size, config, args.seconds, step_ms, args.seconds)["rate"]
+        sweep[config] = run(dataset, batch_size, config, args.seconds, step_ms)["rate"]
         print(f"{name} step {step_ms:g} ms, {label(config)}: {sweep[config]:,.0f} samples/s", file=sys.stderr)
     ranked = sorted(sweep, key=sweep.__getitem__, reverse=True)
     best = sweep[ranked[0]]
@@ -180,8 +181,8 @@ def case(name: str, step_ms: float, args) -> dict:
     auto = ("auto", 2, "auto")
     for r in range(args.repeat):
         for config in finalists:
-            rates[config].append(run(dataset, batch_size, config, args.seconds, step_ms, args.seconds)["rate"])
-        autos.append(run(dataset, batch_size, auto, args.auto_seconds, step_ms, args.seconds))
+            rates[config].append(run(dataset, batch_size, config, args.seconds, step_ms)["rate"])
+        autos.append(run(dataset, batch_size, auto, args.seconds, step_ms, args.auto_seconds - args.seconds))
         print(f"{name} step {step_ms:g} ms, round {r + 1}: auto {autos[-1]['rate']:,.0f} samples/s with "
               f"{autos[-1]['workers']} workers (settled at {autos[-1]['settled_s']:.1f} s)", file=sys.stderr)
     medians = {c: statistics.median(v) for c, v in rates.items()}
@@ -206,14 +207,14 @@ def doubling(args) -> dict:
     fixed = {}
     for config in [(16, 2, "process"), (24, 2, "process"), (32, 2, "process"), (32, 4, "process")]:
         dataset = SlowingReads(4000, 0.010, switch_at=0.0)  # already switched: 20 ms a sample
-        fixed[config] = run(dataset, batch_size, config, args.seconds, step_ms, args.seconds)["rate"]
+        fixed[config] = run(dataset, batch_size, config, args.seconds, step_ms)["rate"]
         print(f"doubling, fixed {label(config)} at 20 ms: {fixed[config]:,.0f} samples/s", file=sys.stderr)
     runs = []
     for _ in range(args.repeat):
         switch = time.time() + args.switch_s
         dataset = SlowingReads(4000, 0.010, switch_at=switch)
-        result = run(dataset, batch_size, ("auto", 2, "auto"), args.switch_s + args.auto_seconds, step_ms,
-                     args.seconds)
+        result = run(dataset, batch_size, ("auto", 2, "auto"), args.seconds, step_ms,
+                     args.switch_s + args.auto_seconds - args.seconds)
         # The tuner's clock starts when its pool does, a few ms after `switch` was set.
         after = [d["at_s"] - args.switch_s for d in result["tuner"] if d["at_s"] >= args.switch_s]
         result["resettled_s"] = max(after) if after else 0.0

@@ -51,18 +51,18 @@ def test_grows_towards_the_need_at_most_doubling_then_steps_back():
 
 def test_the_need_sizes_a_step_and_a_small_gain_counts_when_waiting_was_small():
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=10, tune_prefetch=False)
-    # 0.31 s per batch, the loop's step 31 ms: 0.31 / 0.031 * 1.25 -> 13 workers.
-    assert _period(t, 1, 0.08, 30, cost=0.31) and t.workers == 13
+    # 0.28 s per batch, the loop's step 31 ms: 0.28 / 0.031 * 1.4 -> 13 workers.
+    assert _period(t, 1, 0.08, 30, cost=0.28) and t.workers == 13
     _settle(t, 1.5)
     # The rate rose under 5% (waiting 8% could give 8% at most) but the waiting vanished:
     # kept, and 13 is what the loop needs: no probing below it.
-    assert not _period(t, 2, 0.0, 30.9, cost=0.37) and t.workers == 13
-    # Batches got cheaper (0.2 s): about 8 workers keep up.
-    assert _period(t, 3, 0.0, 31, cost=0.2) and t.workers == 8
+    assert not _period(t, 2, 0.0, 30.9, cost=0.3) and t.workers == 13
+    # Batches got cheaper (0.17 s): about 8 workers keep up.
+    assert _period(t, 3, 0.0, 31, cost=0.17) and t.workers == 8
     assert any("cost per batch changed" in d.reason for d in t.decisions)
     _settle(t, 3.5)
-    assert _period(t, 4, 0.03, 30, cost=0.2) and t.workers == 13  # a 3% wait is a loss: back
-    assert _period(t, 5, 0.0, 31, cost=0.2) and t.workers == 9  # 8 waited; 9 may not
+    assert _period(t, 4, 0.03, 30, cost=0.17) and t.workers == 13  # a 3% wait is a loss: back
+    assert _period(t, 5, 0.0, 31, cost=0.17) and t.workers == 9  # 8 waited; 9 may not
 
 
 def test_a_step_is_not_judged_when_the_batches_cost_changed_meanwhile():
@@ -77,11 +77,11 @@ def test_a_step_is_not_judged_when_the_batches_cost_changed_meanwhile():
 
 def test_shrinks_to_the_need_in_one_step_at_most_half():
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=13)
-    assert _period(t, 1, 0.0, 30, cost=0.2) and t.workers == 8  # 0.2 * 30 * 1.25 -> 8
+    assert _period(t, 1, 0.0, 30, cost=0.19) and t.workers == 8  # 0.19 * 30 * 1.4 -> 8
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=16)
     assert _period(t, 1, 0.0, 30, cost=0.01) and t.workers == 8  # at most half at once
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=4)
-    assert not _period(t, 1, 0.0, 30, cost=0.12)  # 0.12 * 30 * 1.25 -> 5: all four are needed
+    assert not _period(t, 1, 0.0, 30, cost=0.12)  # 0.12 * 30 * 1.4 -> 6: all four are needed
 
 
 def test_computing_workers_are_not_added_beyond_the_cpu_budget():
@@ -95,10 +95,10 @@ def test_shrinks_when_the_loop_never_waits_and_comes_back_when_it_does():
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=3)
     assert _period(t, 1, 0.0, 10, cost=0.01) and t.workers == 1
     t = AutoTuner(max_workers=32, cpu_budget=2, workers=3)
-    assert _period(t, 1, 0.0, 10, cost=0.15) and t.workers == 2
+    assert _period(t, 1, 0.0, 10, cost=0.13) and t.workers == 2
     assert not _period(t, 1.5, 0.2, 8)  # settling
-    assert _period(t, 2, 0.2, 8, cost=0.15) and t.workers == 3  # fewer made the loop wait: back
-    assert not _period(t, 3, 0.0, 10, cost=0.15) and t.workers == 3  # and it stays
+    assert _period(t, 2, 0.2, 8, cost=0.13) and t.workers == 3  # fewer made the loop wait: back
+    assert not _period(t, 3, 0.0, 10, cost=0.13) and t.workers == 3  # and it stays
 
 
 def test_a_larger_window_when_the_loop_waits_on_idle_workers():

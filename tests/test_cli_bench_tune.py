@@ -108,3 +108,17 @@ def test_tune_end_to_end_on_a_latency_bound_workload(tmp_path):
     assert doc["measured"]["torch_best"]["num_workers"] >= 4
     probes = json.loads((tmp_path / "tune.json").read_text())["probes"]
     assert {p["loader"] for p in probes} == {"torch", "nostall"}
+
+
+def test_tune_starts_from_the_count_an_auto_run_settled_on(tmp_path):
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"num_workers": 32, "tuner": [{"workers": 3}, {"workers": 6}]}))
+    run = _cli("tune", "--workload", "latency", "--size", "400", "--batch-size", "8", "--seconds", "0.5",
+               "--max-workers", "12", "--start-from", str(stats), "--out", str(tmp_path / "l.yaml"),
+               "--json", str(tmp_path / "tune.json"))
+    assert run.returncode == 0, run.stderr
+    probes = json.loads((tmp_path / "tune.json").read_text())["probes"]
+    tried = [p["num_workers"] for p in probes if p["loader"] == "nostall"]
+    assert tried[:3] == [0, 3, 6]  # the baseline, half the tuner's 6, then 6 (then 12 if it gained)
+    bad = _cli("tune", "--workload", "latency", "--size", "40", "--start-from", str(tmp_path / "missing.json"))
+    assert bad.returncode != 0 and "neither a number of workers nor a readable JSON file" in bad.stderr

@@ -165,6 +165,15 @@ class _RngState:
         self.pos = 0  # indices yielded in this epoch
         self.resume = None
 
+    def begin(self) -> int:
+        """Start an epoch: from a loaded state (returns the items to skip) or from here."""
+        skip = 0
+        if self.resume is not None:
+            self.rng.setstate(self.resume["start"])
+            skip, self.resume = self.resume["pos"], None
+        self.start = self.rng.getstate()
+        return skip
+
 
 class OwnRngSampler(Sampler):
     """Shuffles with its own ``random.Random``, which advances from epoch to epoch:
@@ -175,11 +184,8 @@ class OwnRngSampler(Sampler):
         self._s = _RngState(seed)
 
     def __iter__(self):
-        s, skip = self._s, 0
-        if s.resume is not None:
-            s.rng.setstate(s.resume["start"])
-            skip, s.resume = s.resume["pos"], None
-        s.start = s.rng.getstate()
+        s = self._s
+        skip = s.begin()
         order = list(range(self.n))
         s.rng.shuffle(order)
         for i in range(skip, self.n):
@@ -215,11 +221,8 @@ class OwnRngBatchSampler(Sampler):
         return out
 
     def __iter__(self):
-        s, skip = self._s, 0
-        if s.resume is not None:
-            s.rng.setstate(s.resume["start"])
-            skip, s.resume = s.resume["pos"], None
-        s.start = s.rng.getstate()
+        s = self._s
+        skip = s.begin()
         batches = self._batches()
         for i in range(skip, len(batches)):
             s.pos = i + 1

@@ -5,7 +5,10 @@ The guide's method: measure with 0 workers, then 2, then 4, and keep the best.
 workers, torch's best setting), doubling num_workers while it still gains at
 least ``GAIN`` and stopping at the first step that does not, then picks the
 fewest workers within ``NEAR_BEST`` of the best rate (fewer workers leave CPU
-and memory to the training step).
+and memory to the training step). ``--start-from`` starts the doubling from a
+known count instead (half of it, then it, then twice it, ...): a number, or the
+``loader.stats.to_dict()`` of a run with ``num_workers="auto"`` saved as JSON
+(the count its tuner settled on).
 
 Each probe builds a loader in this process on the one dataset and measures the
 steady rate: samples per second from the first batch on, crossing epoch
@@ -107,13 +110,51 @@ def _probe(spec: RunSpec, dataset: Any, seconds: float) -> Probe:
                  first - started, batches, span)
 
 
+def worker_steps(start: int | None, max_workers: int) -> list[int]:
+    """Worker counts to try in order: 0, 2, 4, 8, ...; from ``start``: half of it,
+    it, then doubling."""
+    if start is None:
+        return [nw for nw in WORKER_STEPS if nw <= max_workers]
+    start = min(start, max_workers)
+    steps = [start // 2] if start >= 2 else []
+    nw = start
+    while nw <= max_workers:
+        steps.append(nw)
+        nw *= 2
+    return steps or [max_workers]
+
+
+def start_from(value: str | None) -> int | None:
+    """``--start-from``: a number of workers, or a JSON file of ``loader.stats.to_dict()``
+    (the last count the tuner chose, else its ``num_workers``)."""
+    if value is None:
+        return None
+    if value.isdigit():
+        count = int(value)
+    else:
+        try:
+            stats = json.loads(Path(value).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"nostall tune: --start-from {value!r} is neither a number of workers nor a "
+                             f"readable JSON file of loader.stats.to_dict() ({exc}).") from None
+        tuner = stats.get("tuner") if isinstance(stats, dict) else None
+        count = tuner[-1]["workers"] if tuner else (stats.get("num_workers") if isinstance(stats, dict) else None)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise SystemExit(f"nostall tune: {value} holds no tuner decisions and no num_workers: save "
+                             "`loader.stats.to_dict()` of a run with num_workers='auto' as JSON.")
+    if count < 1:
+        raise SystemExit(f"nostall tune: --start-from needs at least 1 worker; got {count}.")
+    return count
+
+
 def search(make_spec, dataset: Any, loader: str, seconds: float, max_workers: int,
-           zero: Probe | None) -> list[Probe]:
-    """The guide's progressive search for one loader: 0, 2, 4, 8, ... workers, while
-    each step gains at least ``GAIN`` over the best so far."""
+           zero: Probe | None, start: int | None = None) -> list[Probe]:
+    """The guide's progressive search for one loader: 0, 2, 4, 8, ... workers (or from
+    ``start``, see ``worker_steps``), while each step gains at least ``GAIN`` over the
+    best so far."""
     probes = [zero] if zero is not None else []
     best = zero.samples_per_s if zero is not None else 0.0
-    for nw in WORKER_STEPS:
+    for nw in worker_steps(start, max_workers):
         if nw > max_workers or (nw == 0 and zero is not None):
             continue
         p = probe(make_spec(loader, nw), dataset, seconds)
@@ -121,8 +162,8 @@ def search(make_spec, dataset: Any, loader: str, seconds: float, max_workers: in
         probes.append(p)
         _say(f"    {loader} num_workers={nw}: {p.samples_per_s:.1f} samples/s "
              f"(first batch after {p.time_to_first_batch_s:.2f} s)")
-        if nw > 0 and p.samples_per_s < GAIN * best:
-            break
+        if nw > 0 and nw >= (start or 0) and p.samples_per_s < GAIN * best:
+            break  # (from a start, half of it and it are both measured)
         best = max(best, p.samples_per_s)
     return probes
 
@@ -155,6 +196,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=2.0,
                    help="steady-state measuring time per probe (default: %(default)s)")
     p.add_argument("--max-workers", type=positive_int, default=32, help="default: %(default)s")
+    p.add_argument("--start-from", metavar="N|STATS.json",
+                   help="start the search at N workers (half, N, then doubling), or at the count a "
+                        "num_workers='auto' run settled on: its loader.stats.to_dict() saved as JSON")
     p.add_argument("--out", default="loader.yaml", help="the YAML file to write (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write every probe as JSON")
     p.set_defaults(func=run)
@@ -169,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("nostall tune: --seconds must be > 0 and --step-ms >= 0.")
     started = time.perf_counter()
     base = dataset_fields(args)
+    start = start_from(args.start_from)
 
     def make_spec(loader: str, nw: int) -> RunSpec:
         extra = dict(start_method=args.start_method, persistent=True) if nw and loader == "torch" else {}
@@ -187,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for loader in ("nostall", "torch"):
         results[loader] = search(make_spec, dataset, loader, args.seconds, args.max_workers,
-                                 dataclasses.replace(zero, loader=loader))
+                                 dataclasses.replace(zero, loader=loader), start)
     best = {loader: pick(probes) for loader, probes in results.items()}
     elapsed = time.perf_counter() - started
 
