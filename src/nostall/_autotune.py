@@ -213,7 +213,7 @@ class AutoTuner:
     def _note(self, now: float, reason: str, worker_type: str = "") -> None:
         decision = Decision(round(now - self._started, 2), self.workers, self.prefetch, reason, worker_type)
         self.decisions.append(decision)
-        log.info("nostall auto: %d workers, prefetch %d: %s", self.workers, self.prefetch, reason)
+        log.info("nostall auto: %s, prefetch %d: %s", _workers(self.workers), self.prefetch, reason)
 
     def choose_worker_type(self, now: float, cost: float, cpu_cost: float, drew_global: bool) -> str:
         """``worker_type="auto"``: "thread" for workers that mostly wait (remote reads,
