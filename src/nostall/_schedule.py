@@ -58,10 +58,6 @@ class Scheduler:
         self.load.setdefault(worker_id, 0)
         self._free_at.setdefault(worker_id, 0.0)
 
-    def cpu_shares(self, workers) -> list[float]:
-        """Recent CPU seconds per second of batch, of ``workers`` that reported one."""
-        return [self._cpu_share[w] for w in workers if w in self._cpu_share]
-
     def reset(self, worker_id: int) -> None:
         """A new worker took this id: nothing queued, phase unknown (its cost is kept)."""
         self.load[worker_id] = 0
