@@ -35,16 +35,17 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
 SRC_DIR = os.path.join(REPO_DIR, "src")
 
-# Test the working tree's nostall, and make ``import datasets`` work in this process
-# and (through the inherited sys.path) in spawned workers.
+# Test the working tree's nostall, and make ``import toy_datasets`` work in this process
+# and (through the inherited sys.path) in spawned workers. (Not named ``datasets``: that
+# would shadow Hugging Face's library, which tests/test_libraries.py uses.)
 for _p in (TESTS_DIR, SRC_DIR):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import datasets as _datasets  # noqa: E402
+import toy_datasets as _datasets  # noqa: E402
 
 assert os.path.dirname(os.path.abspath(_datasets.__file__)) == TESTS_DIR, (
-    f"`datasets` resolved to {_datasets.__file__}, not the suite's tests/datasets.py"
+    f"`toy_datasets` resolved to {_datasets.__file__}, not the suite's tests/toy_datasets.py"
 )
 
 IMPLS = ("torch", "nostall", "nostall-thread")

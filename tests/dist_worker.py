@@ -25,7 +25,7 @@ import os
 
 import torch.distributed as dist
 import torch.utils.data as tud
-from datasets import Indexed  # this script's directory, tests/, is on sys.path
+from toy_datasets import Indexed  # this script's directory, tests/, is on sys.path
 
 import nostall
 from nostall import _distributed

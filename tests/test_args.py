@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from conftest import PROCESS_IMPLS, nostall_module
-from datasets import EveryOtherReversed, Indexed, SimpleIterable
+from toy_datasets import EveryOtherReversed, Indexed, SimpleIterable
 
 N = 10
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from conftest import assert_same_epochs
-from datasets import EpochAware, Indexed, SimpleIterable, Sleepy
+from toy_datasets import EpochAware, Indexed, SimpleIterable, Sleepy
 
 import nostall
 from nostall._autotune import RETRY_PERIODS, AutoTuner

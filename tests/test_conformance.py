@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 
 from conftest import (PROCESS_IMPLS, assert_same_epochs, flat_indices,
                       impl_nw, len_or_error, reference_epochs, run_epochs)
-from datasets import (EveryOtherReversed, GrowingBatchSampler, Indexed, Rich, ShardedIterable,
+from toy_datasets import (EveryOtherReversed, GrowingBatchSampler, Indexed, Rich, ShardedIterable,
                       SimpleIterable, WithGetitems, WorkerInfoMap, collate_sum, record_worker_init)
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")

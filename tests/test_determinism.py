@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import PROCESS_IMPLS, assert_same_epochs, run_epochs
-from datasets import RandomValues, WorkerRngValues
+from toy_datasets import RandomValues, WorkerRngValues
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

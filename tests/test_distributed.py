@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.utils.data as tud
 from conftest import SRC_DIR, TESTS_DIR
-from datasets import Indexed
+from toy_datasets import Indexed
 
 import nostall
 from nostall import _distributed

@@ -11,7 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from conftest import (IMPLS, PROCESS_IMPLS, assert_same_epochs, flat_indices,
                       impl_nw, reference_epochs)
-from datasets import EpochAware, Indexed, Pid, StartLog, append_line
+from toy_datasets import EpochAware, Indexed, Pid, StartLog, append_line
 
 N = 30
 

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import REPO_DIR, SRC_DIR, TESTS_DIR, alive, descendant_pids, nostall_module, wait_gone
-from datasets import Indexed
+from toy_datasets import Indexed
 
 SHM = "/dev/shm"
 WORKER_TYPES = ["process", "thread"]
@@ -216,7 +216,7 @@ CHILD = textwrap.dedent("""
     import os, sys, itertools
     import psutil
     import nostall
-    from datasets import Indexed
+    from toy_datasets import Indexed
 
     def main():
         worker_type, mode = sys.argv[1], sys.argv[2]

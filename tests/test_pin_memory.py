@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import nostall_module
-from datasets import Indexed
+from toy_datasets import Indexed
 
 HAS_CUDA = torch.cuda.is_available()
 

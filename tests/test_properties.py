@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import IMPLS, LoaderFactory, assert_same_epochs, flat_indices, reference_epochs
-from datasets import Indexed
+from toy_datasets import Indexed
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 from conftest import assert_same_epochs, flat_indices
-from datasets import Indexed, RandomValues
+from toy_datasets import Indexed, RandomValues
 from torch.utils.data import IterableDataset
 
 import nostall

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from conftest import assert_same_epochs
-from datasets import Indexed, RandomValues, ShardedIterable
+from toy_datasets import Indexed, RandomValues, ShardedIterable
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 import nostall

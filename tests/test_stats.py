@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from datasets import Indexed, Sleepy
+from toy_datasets import Indexed, Sleepy
 
 import nostall
 

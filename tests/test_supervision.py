@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from conftest import SRC_DIR, TESTS_DIR, assert_same_epochs, flat_indices, run_epochs
-from datasets import HangsOnce, Indexed, RandomValues, Raises, RaisesGetitems, SlowSample
+from toy_datasets import HangsOnce, Indexed, RandomValues, Raises, RaisesGetitems, SlowSample
 
 import nostall
 from nostall._memory import ProcessTreeMemory
@@ -130,7 +130,7 @@ def test_hang_is_reported_with_stack_and_indices_then_raises(tmp_path):
     text = str(err.value)
     assert "has been making batch 1 of epoch 0, sample indices [4, 5, 6, 7]" in text
     assert "(hang_timeout=1.5)" in text
-    assert "Its Python stack" in text and "spin_forever" in text and "datasets.py" in text
+    assert "Its Python stack" in text and "spin_forever" in text and "toy_datasets.py" in text
     assert loader.worker_pids() == []
 
 
@@ -202,7 +202,7 @@ def test_skipping_leaves_the_rest_of_each_batch_intact(kw, dataset_cls):
     assert flat_indices(got) == [i for i in range(40) if i not in bad]
     skipped = [s for s in loader.stats.skipped if s["epoch"] == 0]  # (epoch 1 may be under way)
     assert [s["index"] for s in sorted(skipped, key=lambda s: s["index"])] == bad
-    assert skipped[0]["error"].startswith("ValueError: sample ") and "datasets.py" in skipped[0]["error"]
+    assert skipped[0]["error"].startswith("ValueError: sample ") and "toy_datasets.py" in skipped[0]["error"]
     assert "samples skipped: " in str(loader.stats)
     loader.close()
 
@@ -235,7 +235,7 @@ def _run_script(tmp_path, body: str, timeout=60):
 def test_missing_main_guard_is_explained(tmp_path, method):
     run = _run_script(tmp_path, f"""
         import nostall
-        from datasets import Indexed
+        from toy_datasets import Indexed
 
         loader = nostall.DataLoader(Indexed(10), batch_size=2, num_workers=2, multiprocessing_context="{method}")
         for batch in loader:
@@ -253,7 +253,7 @@ def test_missing_main_guard_is_explained(tmp_path, method):
 def test_unpicklable_dataset_names_the_attribute(tmp_path):
     run = _run_script(tmp_path, """
         import nostall
-        from datasets import Indexed
+        from toy_datasets import Indexed
 
         class Transformed(Indexed):
             def __init__(self, n):
@@ -328,7 +328,7 @@ def test_small_dev_shm_falls_back_to_pipes(tmp_path, shm_mb):
 OPEN_FILES = """
     import resource
     import nostall
-    from datasets import Indexed
+    from toy_datasets import Indexed
 
     if __name__ == "__main__":
         with nostall.DataLoader(Indexed(64), batch_size=4, num_workers=4) as loader:
