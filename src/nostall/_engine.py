@@ -396,7 +396,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         if result.note.startswith("shm-full: "):
             self._go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
                                f"({result.note[len('shm-full: '):]}; {self._shm_text()})")
-        if not self._shm_checked and result.kind == "ok" and self.pool.passes_attrs:
+        if not self._shm_checked and result.kind == "ok" and isinstance(self.pool, ProcessPool):
             self._check_shm(result.payload)
         if self.config.max_inflight_bytes is not None and result.kind == "ok":
             self._batch_bytes = max(self._batch_bytes, _transport.tensor_bytes(result.payload))

@@ -8,6 +8,7 @@ and holds the per-stream bookkeeping. It works on ``Engine``'s state.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 from . import _resume
@@ -58,6 +59,10 @@ class Resuming:
             # A worker whose stream ended with every batch of it delivered sits out the rest.
             exhausted = [w for w in self._streams.stops if w not in pending]
             streams = self._streams.save(self.config.num_workers, exhausted)
+            if self._inline is not None and _resume.stateful(self.spec.dataset):
+                # In-process loading delivers each batch as it is made: the dataset's state
+                # now is the one after the last delivered batch (no copy paid per batch).
+                streams["workers"][0][0] = copy.deepcopy(self.spec.dataset.state_dict())
         return dict(self.planner.state(plan, upto), delivered=delivered, streams=streams)
 
     def _state_between(self, finished: EpochPlan | None) -> dict:
@@ -116,7 +121,7 @@ class Resuming:
         if self._inline is not None and ended:  # in-process: the one stream had ended
             plan.batches = iter(())
             return
-        # Thread workers share one dataset object: they replay their batches instead.
+        # Each worker (process, or thread of an iterable dataset) holds its own copy.
         own_dataset = (self.pool is None or self.pool.passes_attrs) and _resume.stateful(self.spec.dataset)
         for w, (state, count) in enumerate(saved["workers"]):
             if w in ended:

@@ -302,8 +302,8 @@ class DataLoader(tud.DataLoader):
         map-style dataset; an iterable dataset is sharded by its number of workers,
         so it needs the saved one. A state that does not fit this loader raises a
         ValueError naming what differs. Map-style datasets resume without fetching
-        a sample again; an iterable dataset without ``state_dict`` (or with thread
-        workers) replays each worker's delivered samples, uncollated."""
+        a sample again; an iterable dataset without a ``state_dict()`` callable
+        without arguments replays each worker's delivered samples, uncollated."""
         _resume.check(state, self)
         if state.get("fresh"):
             return

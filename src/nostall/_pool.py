@@ -8,6 +8,8 @@ a ``Result`` of kind "died" whose payload is a :class:`WorkerExit`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import queue
 import signal
@@ -219,15 +221,18 @@ class ProcessPool:
 
 
 class ThreadPool:
-    """Worker threads in this process; they share the dataset object with it."""
+    """Worker threads in this process. They share a map-style dataset object with it;
+    each worker of an iterable dataset holds its own copy, as torch's process workers
+    do: a dataset that shards its stream by ``get_worker_info()`` or keeps its position
+    on itself (litdata's ``StreamingDataset`` is its own iterator) needs one per worker."""
 
-    passes_attrs = False
     can_restart = False  # a thread stuck in user code cannot be stopped
     poll_progressed = False
     blocked = 0.0
 
     def __init__(self, spec: _worker.WorkSpec, num_workers: int, base_seed: int, start: int | None = None):
         _worker.install_thread_worker_info()
+        self.passes_attrs = spec.iterable  # own copies: attributes set in the main process are mirrored
         self.num_workers = num_workers
         self._spec, self._base_seed = spec, base_seed
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -240,10 +245,13 @@ class ThreadPool:
 
     def add(self, worker_id: int) -> None:
         """Start one more worker thread."""
+        spec = self._spec
+        if spec.iterable:
+            spec = dataclasses.replace(spec, dataset=_thread_copy(spec.dataset, worker_id))
         self._inboxes[worker_id] = queue.SimpleQueue()
         thread = threading.Thread(
             target=_worker.thread_main,
-            args=(self._inboxes[worker_id], self._outbox, worker_id, self.num_workers, self._base_seed, self._spec),
+            args=(self._inboxes[worker_id], self._outbox, worker_id, self.num_workers, self._base_seed, spec),
             name=f"nostall-worker-{worker_id}",
             daemon=True,
         )
@@ -285,3 +293,17 @@ class ThreadPool:
         deadline = time.monotonic() + 1.0
         for thread in self._threads.values():
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _thread_copy(dataset, worker_id: int):
+    """Thread worker ``worker_id``'s own copy of an iterable dataset (see ``ThreadPool``)."""
+    try:
+        return copy.deepcopy(dataset)
+    except Exception as exc:
+        raise RuntimeError(
+            f"worker_type='thread' gives each worker of an iterable dataset its own copy of it, as torch's "
+            f"process workers have (a shared object would hand the same stream, or the same position, to "
+            f"every thread), but copy.deepcopy of the {type(dataset).__name__} for thread worker {worker_id} "
+            f"failed: {type(exc).__name__}: {exc}. Use worker_type='process', or make the dataset copyable "
+            "(e.g. open files and connections in __iter__, not in __init__)."
+        ) from exc

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _diagnose, _seeding, _transport
+from . import _diagnose, _resume, _seeding, _transport
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class BatchMaker:
     """Makes batches from tasks, seeding randomness per batch (see ``_seeding``)."""
 
     def __init__(self, spec: WorkSpec, base_seed: int, worker_id: int | None, seed_globals: bool,
-                 keep_state: bool = True):
+                 keep_state: str | None = None):
         self.spec = spec
         self.dataset = spec.dataset
         self.base_seed = base_seed
@@ -114,8 +114,11 @@ class BatchMaker:
         self._skipped: list = []
         self.no_shm = False  # set when /dev/shm is too small (see PipeOnly)
         self.note = ""  # news for the loader, sent with the next result
-        # Thread workers share one dataset object: its state says nothing about one worker.
-        self._keep_state = keep_state and spec.iterable and callable(getattr(spec.dataset, "state_dict", None))
+        # The state after each batch, for loader.state_dict(): only for an iterable dataset
+        # whose state_dict() takes no arguments (decided once, here). "send": a process
+        # worker pickles it with the batch before the dataset changes again, so no copy;
+        # "copy": a thread worker keeps it in memory. In-process loading takes it when saved.
+        self._keep_state = keep_state if spec.iterable and _resume.stateful(spec.dataset) else None
         self._state = None  # the dataset's state after the batch just made
         self._ended = False  # the stream ended within the batch just made
         self._resume_error = None  # a failed Resume, reported with the next batch
@@ -155,8 +158,9 @@ class BatchMaker:
                     return "stop", None
                 # A dataset may reset its state when its iterator ends: the end is told apart.
                 self._ended = self._fetcher.ended
-                if self._keep_state:  # a copy: the dataset's own dict goes on changing
-                    self._state = copy.deepcopy(self.dataset.state_dict())
+                if self._keep_state is not None:
+                    state = self.dataset.state_dict()  # the dataset's own dict goes on changing:
+                    self._state = state if self._keep_state == "send" else copy.deepcopy(state)
                 return "ok", data
             data = self._fetch_map(task.indices, current)
             return ("empty", None) if data is _EMPTY else ("ok", data)
@@ -315,7 +319,8 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
         if spec.worker_init_fn is not None:
             spec.worker_init_fn(worker_id)
-        return BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded, keep_state=not threaded), None
+        return BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded,
+                          keep_state="copy" if threaded else "send"), None
     except Exception:
         who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
         where = f"in nostall {who} while starting (worker_init_fn)"
@@ -418,8 +423,9 @@ def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int,
             msg = inbox.get()
             if msg is None:
                 return
-            if isinstance(msg, dict):
-                continue  # threads share the main process's dataset object
+            if isinstance(msg, dict):  # sent only to a worker holding its own copy (iterable datasets)
+                maker.apply_attrs(msg)
+                continue
             if isinstance(msg, Pause):
                 time.sleep(msg.seconds)
                 continue
