@@ -111,6 +111,8 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._prefix = 0  # in_order=False: batches 0.._prefix-1 are all delivered (see _delivered_prefix)
         self._streams: Streams | None = None  # iterable datasets: each worker's position (for resume)
         self._made_by: dict = {}  # iterable datasets: key of a ready batch -> (worker, state, ended)
+        self._first_counters: dict | None = None  # the dataset's epoch counters at the start (see _counters)
+        self._loaded_counters: dict | None = None  # those of a loaded state, checked at its first epoch
         self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
         self.tuner: AutoTuner | None = None  # num_workers="auto" / prefetch_factor="auto" / worker_type="auto"
         self._kind = "thread" if config.worker_type == "thread" else "process"  # the pool's workers

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
-from . import _resume
+from . import _counters, _resume
 from ._plan import EpochPlan
 from ._resume import Streams
 from ._worker import Resume
@@ -63,19 +64,28 @@ class Resuming:
                 # In-process loading delivers each batch as it is made: the dataset's state
                 # now is the one after the last delivered batch (no copy paid per batch).
                 streams["workers"][0][0] = copy.deepcopy(self.spec.dataset.state_dict())
-        return dict(self.planner.state(plan, upto), delivered=delivered, streams=streams)
+        return dict(self.planner.state(plan, upto), delivered=delivered, streams=streams, **self._counters_state())
 
     def _state_between(self, finished: EpochPlan | None) -> dict:
         """The state for the start of the epoch after ``finished``."""
         streams = None
         if self.planner.iterable:
             streams = Streams(max(1, self.config.num_workers)).save(self.config.num_workers, [])
-        return dict(self.planner.state_of_next(finished), delivered=0, streams=streams)
+        return dict(self.planner.state_of_next(finished), delivered=0, streams=streams, **self._counters_state())
+
+    def _counters_state(self) -> dict:
+        """An iterable dataset's epoch counters, for a warning at resume (see ``_counters``)."""
+        if not self.planner.iterable or _resume.stateful(self.spec.dataset):
+            return {}
+        return {"counters": {"first": self._first_counters or {}, "saved": _counters.find(self.spec.dataset)}}
 
     def load(self, state: dict) -> None:
         """Make the next ``begin_epoch`` continue the saved epoch after its delivered batches."""
         self.planner.restore(state)
         self._resume = state
+        self._loaded_counters = state.get("counters")
+        if self._loaded_counters is not None:  # the saving run's start is this run's start
+            self._first_counters = self._loaded_counters["first"]
 
     def _skip_delivered(self, plan: EpochPlan, state: dict) -> None:
         """Start the resumed ``plan`` after the batches delivered before the save."""
@@ -110,6 +120,14 @@ class Resuming:
         each stream starts where the saved run left it (``Resume``), workers whose
         stream had ended sit out, and the round-robin goes on after the last worker."""
         n = self.config.num_workers
+        if self._first_counters is None and not _resume.stateful(self.spec.dataset):
+            self._first_counters = _counters.find(self.spec.dataset)
+        loaded, self._loaded_counters = self._loaded_counters, None
+        if loaded is not None and plan.number >= 1:
+            lost = _counters.unrestored(loaded["first"], loaded["saved"], _counters.find(self.spec.dataset), n,
+                                        callable(getattr(self.spec.dataset, "set_epoch", None)))
+            if lost:
+                warnings.warn(_counters.warning(self.spec.dataset, plan.number, lost), UserWarning, stacklevel=4)
         self._streams = Streams(max(1, n)) if saved is None else Streams.restore(saved)
         self._made_by = {}
         ended = set(saved["exhausted"]) if saved is not None else set()

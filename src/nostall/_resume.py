@@ -18,7 +18,10 @@ What a state holds (version 2), besides the planner's part (see ``Planner.state`
   ``{"num_workers", "workers": [[state, delivered], ...], "exhausted", "last"}``:
   per worker (one stream when ``num_workers=0``) the dataset state after its last
   delivered batch (None when not kept) and how many batches it delivered, the
-  workers whose stream had ended, and the worker that delivered last.
+  workers whose stream had ended, and the worker that delivered last;
+* ``counters`` (optional; iterable datasets without a state of their own): the
+  dataset's epoch counters in the main process when the saving loader started and
+  at the save, to warn at resume when one cannot be restored (see ``_counters``).
 """
 
 from __future__ import annotations
@@ -167,6 +170,10 @@ def check(state: Any, loader) -> None:
         )
     _check_sampler(state["sampler"], loader)
     _check_streams(state["streams"], loader)
+    counters = state.get("counters")  # optional: an iterable dataset's epoch counters (see _counters)
+    if counters is not None and not (isinstance(counters, dict) and {"first", "saved"} <= counters.keys()
+                                     and all(isinstance(counters[k], dict) for k in ("first", "saved"))):
+        raise ValueError(f"`state['counters']` must be a dict with dicts 'first' and 'saved'; got {counters!r}.")
 
 
 def _check_sampler(sampler: Any, loader) -> None:
