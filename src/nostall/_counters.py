@@ -15,10 +15,13 @@ the saving loader started and when it saved (``record``), and compared at the fi
 
 from __future__ import annotations
 
+import inspect
 import re
 import types
 
 import torch
+
+from . import _resume
 
 _NAME = re.compile(r"^_*(current_|cur_)?epochs?$", re.IGNORECASE)
 _LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Tensor, types.ModuleType, type,
@@ -77,18 +80,33 @@ def unrestored(first: dict, saved: dict, now: dict, num_workers: int, has_set_ep
     return {p: (first.get(p), saved[p], now.get(p)) for p in saved if not restored(p)}
 
 
-def warning(dataset, epoch: int, lost: dict) -> str:
-    """The text of the warning for ``lost`` counters (see ``unrestored``)."""
+def own_state(dataset) -> str | None:
+    """How ``dataset`` says it keeps a position nostall cannot save: a ``state_dict``
+    that needs arguments only its own loader passes (litdata, MosaicML streaming; the
+    latter keeps its epoch in shared memory, where no attribute shows it)."""
+    fn = getattr(dataset, "state_dict", None)
+    if not callable(fn) or _resume.takes_no_arguments(fn):
+        return None
+    try:
+        signature = str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        signature = "(...)"
+    return f"its own position and epoch (state_dict{signature} needs arguments only its own loader passes)"
+
+
+def warning(dataset, epoch: int, lost: dict, own: str | None = None) -> str:
+    """The text of the warning for ``lost`` counters (see ``unrestored``) and a
+    position of the dataset's own (``own_state``)."""
     name = type(dataset).__name__
     def how(first, saved, now):
         if first == saved == now:
             return f"{saved} in the main process throughout: the workers' copies advance it"
         return f"{saved} at the save, {now} now"
 
-    listed = "; ".join(f"{path} ({how(*values)})" for path, values in lost.items())
+    listed = [f"{path} ({how(*values)})" for path, values in lost.items()] + ([own] if own else [])
     return (
         f"nostall cannot resume the {name} exactly: the state was saved in epoch {epoch}, and the dataset keeps "
-        f"an epoch counter nostall cannot restore: {listed}. Without a state_dict() of its own, an iterable "
+        f"state nostall cannot restore: {'; '.join(listed)}. Without a state_dict() of its own, an iterable "
         "dataset resumes by restarting each worker's stream and dropping the samples it had delivered; a "
         "counter the dataset advances by itself (in each worker's copy, e.g. webdataset's detshuffle, litdata's "
         f"current_epoch) starts again from its first value, so the resumed epoch may follow epoch 0's order, "

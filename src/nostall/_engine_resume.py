@@ -126,8 +126,9 @@ class Resuming:
         if loaded is not None and plan.number >= 1:
             lost = _counters.unrestored(loaded["first"], loaded["saved"], _counters.find(self.spec.dataset), n,
                                         callable(getattr(self.spec.dataset, "set_epoch", None)))
-            if lost:
-                warnings.warn(_counters.warning(self.spec.dataset, plan.number, lost), UserWarning, stacklevel=4)
+            own = _counters.own_state(self.spec.dataset)
+            if lost or own:
+                warnings.warn(_counters.warning(self.spec.dataset, plan.number, lost, own), UserWarning, stacklevel=4)
         self._streams = Streams(max(1, n)) if saved is None else Streams.restore(saved)
         self._made_by = {}
         ended = set(saved["exhausted"]) if saved is not None else set()
