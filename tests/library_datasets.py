@@ -165,11 +165,17 @@ def _litdata_sample(k: int) -> dict:
 
 def make_litdata(root: str, n: int = N_SAMPLES) -> str:
     """``litdata.optimize`` output: ``n`` samples in several chunks."""
+    import multiprocessing
+
     import litdata
 
     out = os.path.join(root, "litdata")
-    litdata.optimize(fn=_litdata_sample, inputs=list(range(n)), output_dir=out, chunk_bytes="2KB",
-                     num_workers=1, mode="overwrite")
+    method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        litdata.optimize(fn=_litdata_sample, inputs=list(range(n)), output_dir=out, chunk_bytes="2KB",
+                         num_workers=1, mode="overwrite")
+    finally:  # optimize() sets the process-wide start method to spawn; the other tests expect theirs
+        multiprocessing.set_start_method(method, force=True)
     return out
 
 

@@ -330,14 +330,12 @@ def _lit(batch):
 
 
 @needs("litdata")
-@pytest.mark.parametrize("num_workers,ctx", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+@pytest.mark.parametrize("shuffle,num_workers,ctx", [(False, *case) for case in CASES] + [(True, 0, None), (True, 2, "fork")],
+                         ids=[f"ordered-{i}" for i in CASE_IDS] + ["shuffled-nw0", "shuffled-nw2-fork"])
 def test_litdata_streaming_dataset_as_torch(litdata_dir, num_workers, ctx, shuffle):
     """litdata's state_dict takes arguments: nostall never calls it (it used to crash)."""
     import litdata
 
-    if ctx == "spawn" and shuffle:
-        pytest.skip("one spawn case per library keeps the suite fast")
     got = {}
     for impl in ("torch", "nostall"):
         loader = make(impl, litdata.StreamingDataset(litdata_dir, shuffle=shuffle, seed=4), num_workers, ctx,
