@@ -472,3 +472,37 @@ def test_saving_again_right_after_a_resume_keeps_the_position(in_order):
     if in_order:
         assert got == expected
     assert sorted(v for b in got for v in b) == list(range(50))
+
+
+class StateNeedsArguments(ShardWithPosition):
+    """A state_dict that needs arguments, as litdata's and MosaicML streaming's do."""
+
+    def state_dict(self, num_samples_yielded: int, num_workers: int, batch_size: int) -> dict:
+        raise AssertionError("nostall called a state_dict that needs arguments")
+
+
+@pytest.mark.parametrize("impl", ["nw0", "nw2", "thread2"])
+def test_state_dict_needing_arguments_is_never_called(impl):
+    """Such a dataset loads as torch's DataLoader loads it, and resumes by replay."""
+    kw = {"batch_size": 3, "num_workers": 0 if impl == "nw0" else 2,
+          "worker_type": "thread" if impl == "thread2" else "process"}
+    reference = [_values(b) for b in torch.utils.data.DataLoader(StateNeedsArguments(40), batch_size=3,
+                                                                 num_workers=kw["num_workers"])]
+    with nostall.DataLoader(StateNeedsArguments(40), **kw) as loader:
+        expected = _epochs(loader, 2)
+    assert expected[0] == reference
+    got, states = _resumed(lambda i: nostall.DataLoader(StateNeedsArguments(40), **kw), [2, 6])
+    assert got == expected
+    assert all(w[0] is None for s in states for w in s["streams"]["workers"])  # replayed by count
+
+
+def test_thread_workers_resume_each_workers_stream_through_its_own_copy():
+    """Thread workers of an iterable dataset hold their own copies: their positions are saved."""
+    kw = {"batch_size": 3, "num_workers": 2, "worker_type": "thread"}
+    reference = [_values(b) for b in torch.utils.data.DataLoader(ShardWithPosition(41), batch_size=3, num_workers=2)]
+    with nostall.DataLoader(ShardWithPosition(41), **kw) as loader:
+        expected = _epochs(loader, 2)
+    assert expected[0] == reference
+    got, states = _resumed(lambda i: nostall.DataLoader(ShardWithPosition(41), **kw), [3, 8])
+    assert got == expected
+    assert all(w[0] is not None for s in states for w in s["streams"]["workers"])  # positions, not counts
