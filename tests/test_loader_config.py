@@ -174,7 +174,8 @@ def test_auto_round_trips_and_builds_an_auto_loader(tmp_path):
     path = tmp_path / "loader.yaml"
     config.save(path)
     loader = nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(10)), path)
-    assert loader.num_workers == "auto" and loader._config.auto_workers and loader._config.auto_prefetch
+    assert loader.num_workers_setting == "auto" and loader.prefetch_factor_setting == "auto"
+    assert loader._config.auto_workers and loader._config.auto_prefetch
     loader.close()
 
 
@@ -186,7 +187,13 @@ def test_settings_that_need_workers_fail_at_load_time_like_the_loader_would(key,
     message = _error(num_workers=0, **{key: value})
     assert message == (f"`{key}` needs `num_workers` > 0; got {key}={value!r} with num_workers=0. "
                        f"Set num_workers > 0 or remove `{key}`.")
-    # ... because the loader itself refuses the combination when it is built.
+    # ... because the loader itself refuses the combination: when it is built, or (timeout, as
+    # torch's does) when it is iterated.
+    if key == "timeout":
+        loader = nostall.DataLoader(tud.TensorDataset(torch.arange(4)), num_workers=0, **{key: value})
+        with pytest.raises(AssertionError, match="requires timeout == 0"):
+            iter(loader)
+        return
     with pytest.raises(ValueError):
         nostall.DataLoader(tud.TensorDataset(torch.arange(4)), num_workers=0, **{key: value})
 

@@ -343,7 +343,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         return self._sched.pick(time.monotonic())
 
     def _submit(self, worker_id: int, plan: EpochPlan, batch_no: int, indices) -> None:
-        if self.pool.passes_attrs:
+        if self.pool.passes_attrs and self.config.sync_dataset:
             self._sync_dataset(worker_id, plan)
         task_id = next(self._task_ids)
         now = time.monotonic()
@@ -352,7 +352,8 @@ class Engine(Resuming, FaultHandling, Tuning):
         self.pool.submit(worker_id, Task(task_id, plan.number, batch_no, indices))
 
     def _sync_dataset(self, worker_id: int, plan: EpochPlan) -> None:
-        """Send the worker the dataset attributes it lacks for this plan (set_epoch & co)."""
+        """Send the worker the dataset attributes it lacks for this plan (set_epoch & co;
+        only with ``sync_dataset``: otherwise workers keep the dataset of the first epoch, as torch's)."""
         target = plan.assumed["dataset"][1]
         have = self._worker_dstate[worker_id]
         if have is target or have == target:

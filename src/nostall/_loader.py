@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import warnings
 import weakref
+from typing import TypeVar
 
 import torch
 import torch.utils.data as tud
 
 from ._config import PoolConfig
-from ._distributed import advance_epoch, shard_sampler
+from ._distributed import advance_epoch, local_cpu_budget, shard_sampler
 from . import _autotune, _resume
 from ._engine import Engine
 from ._plan import Planner
@@ -20,6 +22,81 @@ from ._worker import WorkSpec
 
 _TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
 _pin_warned = False
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def _positive(value) -> bool:
+    """``value > 0`` as torch evaluates it, False where that comparison fails (torch reports it)."""
+    try:
+        return bool(value > 0)
+    except TypeError:
+        return False
+
+
+def _as_count(value) -> int:
+    """An int for nostall's own bookkeeping; 0 for a value torch refuses at ``iter()``."""
+    try:
+        return max(0, operator.index(value))
+    except TypeError:
+        return 0
+
+
+def _explain(exc: BaseException, hint: str | None) -> None:
+    """Append nostall's explanation to torch's message, which stays first."""
+    if hint and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} (nostall: {hint})",)
+
+
+def _constructor_hint(num_workers, auto_prefetch: bool) -> str | None:
+    try:
+        operator.index(num_workers)
+    except TypeError:
+        if not isinstance(num_workers, float):
+            return f"`num_workers` must be an int >= 0 or 'auto'; got {num_workers!r}."
+    if auto_prefetch and num_workers == 0:
+        return "prefetch_factor='auto' tunes the batches each worker prepares; it needs num_workers > 0."
+    return None
+
+
+def _iter_error(num_workers, prefetch_factor, timeout) -> BaseException | None:
+    """The error torch's DataLoader raises at ``iter()`` for these arguments (not at construction)."""
+    try:
+        if num_workers == 0:
+            if timeout != 0:
+                return AssertionError(
+                    "_SingleProcessDataLoaderIter requires timeout == 0 (nostall: `timeout` applies only to "
+                    f"worker loading; got timeout={timeout!r} with num_workers=0. Set num_workers > 0 or timeout=0.)")
+            return None
+        if prefetch_factor <= 0:
+            return AssertionError(
+                "prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter (nostall: got "
+                f"prefetch_factor={prefetch_factor!r}; pass an int >= 1, 'auto' or None for 2.)")
+        range(num_workers)
+        range(prefetch_factor * num_workers)
+    except TypeError as exc:
+        _explain(exc, f"`num_workers` must be an int >= 0 or 'auto' and `prefetch_factor` an int >= 1 or "
+                      f"'auto'; got num_workers={num_workers!r}, prefetch_factor={prefetch_factor!r}.")
+        return exc
+    return None
+
+
+def _check_generator(generator) -> None:
+    """Refuse a ``generator`` that is not a ``torch.Generator`` exactly as torch's iterator does."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        # The draw torch makes first in every iterator; it raises torch's own TypeError.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+
+
+def _sync_dataset(dataset, setting: bool | None) -> bool:
+    """Whether attributes reassigned on the dataset in this process reach process workers:
+    by default for datasets that take part in epochs or in resume (see ``sync_dataset_attributes``)."""
+    if setting is not None:
+        return setting
+    return callable(getattr(dataset, "set_epoch", None)) or _resume.stateful(dataset)
 
 
 def _accelerator() -> str | None:
@@ -41,7 +118,7 @@ def _warn_pin_memory_once() -> None:
         )
 
 
-class DataLoader(tud.DataLoader):
+class DataLoader(tud.DataLoader[_T_co]):
     """A drop-in ``torch.utils.data.DataLoader`` whose workers persist and never pause.
 
     Every argument has torch's meaning and torch's validation. Differences, each
@@ -111,21 +188,13 @@ class DataLoader(tud.DataLoader):
         on_sample_error="raise",
         max_skipped_fraction=0.01,
         max_inflight_bytes=None,
+        sync_dataset_attributes=None,
     ):
-        auto_workers, auto_prefetch = num_workers == "auto", prefetch_factor == "auto"
+        auto_workers, auto_prefetch = _is_auto(num_workers), _is_auto(prefetch_factor)
         if auto_workers:
             num_workers = _autotune.MAX_WORKERS  # the most the tuner may use
-        if (isinstance(num_workers, bool) or not isinstance(num_workers, int)) and not auto_workers:
-            raise TypeError(f"`num_workers` must be an int >= 0 or 'auto'; got {num_workers!r}.")
         if auto_prefetch:
-            if num_workers == 0:
-                raise ValueError("`prefetch_factor='auto'` needs worker processes; got num_workers=0.")
-            prefetch_factor = 2  # where the tuner starts
-        if num_workers == 0 and timeout:
-            raise ValueError(
-                f"`timeout` applies only to worker loading; got timeout={timeout} with "
-                "num_workers=0. Set num_workers > 0 or timeout=0."
-            )
+            prefetch_factor = 2  # where the tuner starts; torch refuses any prefetch_factor without workers
         # Under torch.distributed each rank loads its own shard (see nostall._distributed).
         self._nostall_shard_sampler = shard_sampler(
             dataset, sampler=sampler, batch_sampler=batch_sampler, shuffle=shuffle,
@@ -136,28 +205,42 @@ class DataLoader(tud.DataLoader):
         self._nostall_sampler_epoch = 0  # the sampler's epoch as nostall last set it
         explicit_persistent = bool(persistent_workers)
         if persistent_workers is None:
-            persistent_workers = num_workers > 0
+            persistent_workers = _positive(num_workers)
         extra = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
-        with warnings.catch_warnings():
-            if auto_workers:  # torch's "more workers than CPUs" warning: "auto" starts few
-                warnings.filterwarnings("ignore", message=".*worker processes in total.*")
-            super().__init__(
-                dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
-                pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
-                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                pin_memory_device=pin_memory_device, **extra,
-            )
+        # torch validates first, with its own exception types and messages; nostall only
+        # adds its explanation after torch's message.
+        try:
+            with warnings.catch_warnings():
+                if auto_workers:  # torch's "more workers than CPUs" warning: "auto" starts few
+                    warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+                super().__init__(
+                    dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
+                    pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+                    prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                    pin_memory_device=pin_memory_device, **extra,
+                )
+        except (TypeError, ValueError) as exc:
+            _explain(exc, _constructor_hint(num_workers, auto_prefetch))
+            raise
         if auto_workers and self._dataset_kind == 1:
             raise ValueError(
                 "`num_workers='auto'` needs a map-style dataset: an iterable dataset shards its stream "
                 "by the number of workers, which 'auto' changes. Pass a number of workers."
             )
-        if worker_type == "auto" and (self._dataset_kind == 1 or num_workers == 0):
+        # torch checks these when an iterator is made, not here: so does nostall (__iter__).
+        self._nostall_iter_error = _iter_error(num_workers, self.__dict__["prefetch_factor"], timeout)
+        workers = _as_count(num_workers)
+        if worker_type == "auto" and (self._dataset_kind == 1 or workers == 0):
             raise ValueError(
                 "`worker_type='auto'` needs a map-style dataset and num_workers > 0 (it may switch "
                 "running workers from processes to threads, and an iterable dataset's workers each "
                 f"hold a stream position); got {'an iterable dataset' if self._dataset_kind == 1 else 'num_workers=0'}. "
                 "Pass worker_type='process' or 'thread'."
+            )
+        if sync_dataset_attributes not in (None, True, False):
+            raise ValueError(
+                "`sync_dataset_attributes` must be None (automatic: on for datasets with set_epoch or "
+                f"load_state_dict), True or False; got {sync_dataset_attributes!r}."
             )
         self.in_order = in_order
         self.worker_type = worker_type
@@ -166,12 +249,13 @@ class DataLoader(tud.DataLoader):
         self.max_worker_restarts, self.hang_timeout, self.on_hang = max_worker_restarts, hang_timeout, on_hang
         self.on_sample_error, self.max_skipped_fraction = on_sample_error, max_skipped_fraction
         self.max_inflight_bytes = max_inflight_bytes
+        self.sync_dataset_attributes = sync_dataset_attributes
         if auto_workers:
-            self.num_workers = "auto"  # the tuner's current choice is in loader.stats.tuner
+            self.__dict__["num_workers"] = "auto"  # `num_workers` reads the current count (see the property)
         ctx = self.multiprocessing_context or torch.multiprocessing.get_context()
         self._config = PoolConfig(
-            num_workers=num_workers,
-            prefetch_factor=self.prefetch_factor or 0,
+            num_workers=workers,
+            prefetch_factor=_as_count(self.__dict__["prefetch_factor"]) if workers else 0,
             persistent=bool(persistent_workers),
             worker_type=worker_type,
             start_method=ctx.get_start_method(),
@@ -186,20 +270,21 @@ class DataLoader(tud.DataLoader):
             max_inflight_bytes=max_inflight_bytes,
             auto_workers=auto_workers,
             auto_prefetch=auto_prefetch,
+            sync_dataset=_sync_dataset(dataset, sync_dataset_attributes),
         )
         self._ctx = ctx
         if auto_prefetch:
-            self.prefetch_factor = "auto"  # the tuner's current choice is in loader.stats.tuner
+            self.__dict__["prefetch_factor"] = "auto"  # `prefetch_factor` reads the current one
         # torch builds a RandomSampler itself for shuffle=True; nostall may give that
         # one (and only that one) a private generator after the first epoch.
         self._nostall_builtin_sampler = sampler is None and batch_sampler is None and bool(shuffle)
-        self._torch_persistent = explicit_persistent and num_workers > 0
+        self._torch_persistent = explicit_persistent and workers > 0
         self._engine: Engine | None = None
         self._finalizer = None
         self._pending_state: dict | None = None
         self._recorder = Recorder() if stats else None
         if self._recorder is not None:
-            self._stats = LoaderStats(self._recorder, num_workers=num_workers)
+            self._stats = LoaderStats(self._recorder, num_workers=workers)
         else:
             self._stats = None
 
@@ -217,6 +302,12 @@ class DataLoader(tud.DataLoader):
         pin_device = None
         if cfg.pin_memory:
             pin_device = _accelerator()
+            if self.pin_memory_device:
+                warnings.warn(
+                    "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+                    f"ignore pin_memory_device='{self.pin_memory_device}'.",
+                    stacklevel=3,
+                )
             if pin_device is None:
                 _warn_pin_memory_once()
         planner = Planner(
@@ -241,8 +332,55 @@ class DataLoader(tud.DataLoader):
         self._finalizer = weakref.finalize(self, _release, engine, self._recorder)
         return engine
 
+    @property
+    def num_workers(self) -> int:
+        """The number of workers, an int as in torch. With ``num_workers="auto"`` it is
+        the number the tuner uses now (before the first epoch: the number it starts
+        with); :attr:`num_workers_setting` then says ``"auto"``."""
+        value = self.__dict__.get("num_workers", 0)
+        if not _is_auto(value):
+            return value
+        engine = self.__dict__.get("_engine")
+        if engine is not None and engine.tuner is not None:
+            return engine.tuner.workers
+        return _autotune.initial_workers(local_cpu_budget(), self._config.num_workers)
+
+    @num_workers.setter
+    def num_workers(self, value) -> None:
+        self.__dict__["num_workers"] = value
+
+    @property
+    def num_workers_setting(self):
+        """``num_workers`` as given: ``"auto"`` or the number."""
+        return self.__dict__.get("num_workers", 0)
+
+    @property
+    def prefetch_factor(self) -> int | None:
+        """Batches prepared ahead per worker, an int (or None without workers) as in torch.
+        With ``prefetch_factor="auto"`` it is the tuner's current value;
+        :attr:`prefetch_factor_setting` then says ``"auto"``."""
+        value = self.__dict__.get("prefetch_factor")
+        if not _is_auto(value):
+            return value
+        engine = self.__dict__.get("_engine")
+        if engine is not None and engine.tuner is not None:
+            return engine.tuner.prefetch
+        return self._config.prefetch_factor
+
+    @prefetch_factor.setter
+    def prefetch_factor(self, value) -> None:
+        self.__dict__["prefetch_factor"] = value
+
+    @property
+    def prefetch_factor_setting(self):
+        """``prefetch_factor`` as given (after torch's default of 2 with workers): ``"auto"`` or the number."""
+        return self.__dict__.get("prefetch_factor")
+
     def __iter__(self):
         called = _clock()
+        _check_generator(self.generator)
+        if self._nostall_iter_error is not None:  # a new instance: one traceback per raise
+            raise type(self._nostall_iter_error)(*self._nostall_iter_error.args)
         if self._engine is None:
             self._engine = self._start_engine()
         if self._pending_state is not None:
