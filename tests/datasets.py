@@ -347,3 +347,15 @@ class RaisesGetitems(Raises):
 
     def __getitems__(self, indices):
         return [self[i] for i in indices]
+
+
+class Scaled(Indexed):
+    """``ds[i] == i * scale``: a plain attribute with no ``set_epoch`` (torch's persistent
+    workers keep the value it had at the first ``iter()``)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.scale = 1
+
+    def __getitem__(self, i):
+        return i * self.scale

@@ -32,7 +32,8 @@ from nostall._loader_config import (
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 KNOWN_KEYS = ("batch_size, shuffle, drop_last, num_workers, prefetch_factor, persistent_workers, "
-              "pin_memory, worker_type, multiprocessing_context, timeout, in_order")
+              "pin_memory, worker_type, multiprocessing_context, timeout, in_order, "
+              "sync_dataset_attributes")
 
 
 def _error(**kw) -> str:
@@ -89,6 +90,7 @@ def configs(draw) -> LoaderConfig:
         multiprocessing_context=draw(st.sampled_from((None, *START_METHODS))) if many else None,
         timeout=draw(timeout) if many else 0,
         in_order=draw(st.booleans()),
+        sync_dataset_attributes=draw(st.sampled_from([None, False, True])),
     )
 
 
@@ -164,6 +166,20 @@ def test_the_briefs_example_messages(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         LoaderConfig.load("loader.yaml")
     assert str(info.value) == "loader.yaml: key `num_workers`: must be an int >= 0 or 'auto'; got -3."
+
+
+def test_sync_dataset_attributes_round_trips_and_reaches_the_loader(tmp_path):
+    import nostall
+
+    path = tmp_path / "loader.yaml"
+    path.write_text("num_workers: 2\nsync_dataset_attributes: true\n")
+    config = LoaderConfig.load(path)
+    assert config.sync_dataset_attributes is True and LoaderConfig.from_yaml(config.to_yaml()) == config
+    with nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(4)), path) as loader:
+        assert loader.sync_dataset_attributes is True and loader._config.sync_dataset
+    assert "sync_dataset_attributes" not in torch_kwargs(config)  # torch has no such argument
+    with pytest.raises(ConfigError, match="sync_dataset_attributes"):
+        LoaderConfig(sync_dataset_attributes="yes")
 
 
 def test_auto_round_trips_and_builds_an_auto_loader(tmp_path):
