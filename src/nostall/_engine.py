@@ -42,6 +42,21 @@ _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not w
 _warned_copy_on_read = False
 
 
+def _warn_reseeded(worker_id: int, reseeded: frozenset) -> None:
+    names = {"torch": "torch's (torch.manual_seed)", "numpy": "numpy's (np.random.seed)",
+             "random": "Python's (random.seed)"}
+    which = ", ".join(names[n] for n in sorted(reseeded))
+    warnings.warn(
+        f"nostall: worker_init_fn seeded the global random generator(s) {which} in worker {worker_id} "
+        "(and maybe others). Your seed wins: nostall no longer seeds those per batch in workers whose "
+        "worker_init_fn seeded them, so random draws from them in your dataset depend on which worker "
+        "makes a batch and on num_workers, as in torch's DataLoader. Without the seeding in "
+        "worker_init_fn, nostall seeds every batch from (seed, epoch, batch number) and batches do not "
+        "depend on the workers.",
+        stacklevel=4,
+    )
+
+
 def _warn_copy_on_read(dataset, num_workers: int) -> None:
     """Once per process: point a dataset holding large Python containers to nostall.flat."""
     global _warned_copy_on_read
@@ -121,6 +136,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._polled = 0.0
         self._tuned_cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
+        self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -376,6 +392,9 @@ class Engine(Resuming, FaultHandling, Tuning):
             self.close()
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
+        if result.reseeded and not self._reseed_warned:
+            self._reseed_warned = True
+            _warn_reseeded(worker_id, result.reseeded)
         if result.done:
             self._last_done[worker_id] = result.done
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
