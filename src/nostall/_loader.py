@@ -130,14 +130,31 @@ class DataLoader(tud.DataLoader[_T_co]):
       gives torch's transient workers (for comparison).
     * Randomness inside workers is seeded per batch from (base seed, epoch, batch
       number), so batches do not depend on ``num_workers`` or on which worker made
-      them. See ``nostall._plan`` for exactly when the global RNG is drawn.
+      them. See ``nostall._plan`` for exactly when the global RNG is drawn. A
+      ``worker_init_fn`` that seeds torch's, numpy's or Python's global generator
+      wins in that worker, as in torch: nostall stops seeding that generator per
+      batch there and warns once (draws from it then depend on the worker).
+    * Process workers keep the dataset as it was at the first ``iter()``, as torch's
+      persistent workers do, except for datasets that take part in epochs or resume
+      (they define ``set_epoch`` or ``load_state_dict``): attributes reassigned on
+      those in this process (``set_epoch`` setting ``self.epoch``) reach the workers
+      before their next batch. ``sync_dataset_attributes=True`` asks for that copy
+      for any dataset, ``False`` turns it off.
     * ``worker_type="thread"`` runs workers as threads of this process (for datasets
       that wait on I/O and release the GIL); ``"process"`` (default) uses processes
       forked from one factory process, so ``spawn`` starts in about the time of one
       interpreter, not ``num_workers`` of them; ``"auto"`` starts with processes and
       switches to threads when the workers mostly wait (see ``nostall._autotune``).
     * ``num_workers="auto"`` / ``prefetch_factor="auto"`` tune themselves while the
-      loop runs (``loader.stats.tuner`` says what changed and why).
+      loop runs (``loader.stats.tuner`` says what changed and why). The attributes
+      ``loader.num_workers`` and ``loader.prefetch_factor`` stay ints, as tools
+      comparing them expect (the values in use now); ``num_workers_setting`` and
+      ``prefetch_factor_setting`` say ``"auto"``.
+
+    Invalid arguments raise torch's exception with torch's message, at the moment
+    torch raises it (construction, or ``iter()`` for e.g. ``timeout`` without
+    workers or a ``generator`` that is not a ``torch.Generator``); nostall's
+    explanation, when it has one, follows in parentheses.
 
     At most ``num_workers * prefetch_factor`` batches are in flight at once (made
     or being made but not yet returned to you), including those prepared for the
