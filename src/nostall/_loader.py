@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 import warnings
 import weakref
 from typing import TypeVar
@@ -12,9 +11,11 @@ from typing import TypeVar
 import torch
 import torch.utils.data as tud
 
+from . import _autotune, _resume
+from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
+                         sync_dataset)
 from ._config import PoolConfig
 from ._distributed import advance_epoch, local_cpu_budget, shard_sampler
-from . import _autotune, _resume
 from ._engine import Engine
 from ._plan import Planner
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
@@ -23,80 +24,6 @@ from ._worker import WorkSpec
 _TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
 _pin_warned = False
 _T_co = TypeVar("_T_co", covariant=True)
-
-
-def _is_auto(value) -> bool:
-    return isinstance(value, str) and value == "auto"
-
-
-def _positive(value) -> bool:
-    """``value > 0`` as torch evaluates it, False where that comparison fails (torch reports it)."""
-    try:
-        return bool(value > 0)
-    except TypeError:
-        return False
-
-
-def _as_count(value) -> int:
-    """An int for nostall's own bookkeeping; 0 for a value torch refuses at ``iter()``."""
-    try:
-        return max(0, operator.index(value))
-    except TypeError:
-        return 0
-
-
-def _explain(exc: BaseException, hint: str | None) -> None:
-    """Append nostall's explanation to torch's message, which stays first."""
-    if hint and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        exc.args = (f"{exc.args[0]} (nostall: {hint})",)
-
-
-def _constructor_hint(num_workers, auto_prefetch: bool) -> str | None:
-    try:
-        operator.index(num_workers)
-    except TypeError:
-        if not isinstance(num_workers, float):
-            return f"`num_workers` must be an int >= 0 or 'auto'; got {num_workers!r}."
-    if auto_prefetch and num_workers == 0:
-        return "prefetch_factor='auto' tunes the batches each worker prepares; it needs num_workers > 0."
-    return None
-
-
-def _iter_error(num_workers, prefetch_factor, timeout) -> BaseException | None:
-    """The error torch's DataLoader raises at ``iter()`` for these arguments (not at construction)."""
-    try:
-        if num_workers == 0:
-            if timeout != 0:
-                return AssertionError(
-                    "_SingleProcessDataLoaderIter requires timeout == 0 (nostall: `timeout` applies only to "
-                    f"worker loading; got timeout={timeout!r} with num_workers=0. Set num_workers > 0 or timeout=0.)")
-            return None
-        if prefetch_factor <= 0:
-            return AssertionError(
-                "prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter (nostall: got "
-                f"prefetch_factor={prefetch_factor!r}; pass an int >= 1, 'auto' or None for 2.)")
-        range(num_workers)
-        range(prefetch_factor * num_workers)
-    except TypeError as exc:
-        _explain(exc, f"`num_workers` must be an int >= 0 or 'auto' and `prefetch_factor` an int >= 1 or "
-                      f"'auto'; got num_workers={num_workers!r}, prefetch_factor={prefetch_factor!r}.")
-        return exc
-    return None
-
-
-def _check_generator(generator) -> None:
-    """Refuse a ``generator`` that is not a ``torch.Generator`` exactly as torch's iterator does."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        # The draw torch makes first in every iterator; it raises torch's own TypeError.
-        torch.empty((), dtype=torch.int64).random_(generator=generator)
-
-
-def _sync_dataset(dataset, setting: bool | None) -> bool:
-    """Whether attributes reassigned on the dataset in this process reach process workers:
-    by default for datasets that take part in epochs or in resume (see ``sync_dataset_attributes``)."""
-    if setting is not None:
-        return setting
-    return callable(getattr(dataset, "set_epoch", None)) or _resume.stateful(dataset)
 
 
 def _accelerator() -> str | None:
@@ -207,7 +134,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         max_inflight_bytes=None,
         sync_dataset_attributes=None,
     ):
-        auto_workers, auto_prefetch = _is_auto(num_workers), _is_auto(prefetch_factor)
+        auto_workers, auto_prefetch = is_auto(num_workers), is_auto(prefetch_factor)
         if auto_workers:
             num_workers = _autotune.MAX_WORKERS  # the most the tuner may use
         if auto_prefetch:
@@ -222,7 +149,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         self._nostall_sampler_epoch = 0  # the sampler's epoch as nostall last set it
         explicit_persistent = bool(persistent_workers)
         if persistent_workers is None:
-            persistent_workers = _positive(num_workers)
+            persistent_workers = positive(num_workers)
         extra = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
         # torch validates first, with its own exception types and messages; nostall only
         # adds its explanation after torch's message.
@@ -237,7 +164,7 @@ class DataLoader(tud.DataLoader[_T_co]):
                     pin_memory_device=pin_memory_device, **extra,
                 )
         except (TypeError, ValueError) as exc:
-            _explain(exc, _constructor_hint(num_workers, auto_prefetch))
+            explain(exc, constructor_hint(num_workers, auto_prefetch))
             raise
         if auto_workers and self._dataset_kind == 1:
             raise ValueError(
@@ -245,8 +172,8 @@ class DataLoader(tud.DataLoader[_T_co]):
                 "by the number of workers, which 'auto' changes. Pass a number of workers."
             )
         # torch checks these when an iterator is made, not here: so does nostall (__iter__).
-        self._nostall_iter_error = _iter_error(num_workers, self.__dict__["prefetch_factor"], timeout)
-        workers = _as_count(num_workers)
+        self._nostall_iter_error = iter_error(num_workers, self.__dict__["prefetch_factor"], timeout)
+        workers = as_count(num_workers)
         if worker_type == "auto" and (self._dataset_kind == 1 or workers == 0):
             raise ValueError(
                 "`worker_type='auto'` needs a map-style dataset and num_workers > 0 (it may switch "
@@ -272,7 +199,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         ctx = self.multiprocessing_context or torch.multiprocessing.get_context()
         self._config = PoolConfig(
             num_workers=workers,
-            prefetch_factor=_as_count(self.__dict__["prefetch_factor"]) if workers else 0,
+            prefetch_factor=as_count(self.__dict__["prefetch_factor"]) if workers else 0,
             persistent=bool(persistent_workers),
             worker_type=worker_type,
             start_method=ctx.get_start_method(),
@@ -287,7 +214,7 @@ class DataLoader(tud.DataLoader[_T_co]):
             max_inflight_bytes=max_inflight_bytes,
             auto_workers=auto_workers,
             auto_prefetch=auto_prefetch,
-            sync_dataset=_sync_dataset(dataset, sync_dataset_attributes),
+            sync_dataset=sync_dataset(dataset, sync_dataset_attributes),
         )
         self._ctx = ctx
         if auto_prefetch:
@@ -355,7 +282,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         the number the tuner uses now (before the first epoch: the number it starts
         with); :attr:`num_workers_setting` then says ``"auto"``."""
         value = self.__dict__.get("num_workers", 0)
-        if not _is_auto(value):
+        if not is_auto(value):
             return value
         engine = self.__dict__.get("_engine")
         if engine is not None and engine.tuner is not None:
@@ -377,7 +304,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         With ``prefetch_factor="auto"`` it is the tuner's current value;
         :attr:`prefetch_factor_setting` then says ``"auto"``."""
         value = self.__dict__.get("prefetch_factor")
-        if not _is_auto(value):
+        if not is_auto(value):
             return value
         engine = self.__dict__.get("_engine")
         if engine is not None and engine.tuner is not None:
@@ -395,7 +322,7 @@ class DataLoader(tud.DataLoader[_T_co]):
 
     def __iter__(self):
         called = _clock()
-        _check_generator(self.generator)
+        check_generator(self.generator)
         if self._nostall_iter_error is not None:  # a new instance: one traceback per raise
             raise type(self._nostall_iter_error)(*self._nostall_iter_error.args)
         if self._engine is None:
