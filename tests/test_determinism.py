@@ -16,11 +16,16 @@ workers, process workers and no workers.
 
 from __future__ import annotations
 
+import random
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
 from conftest import PROCESS_IMPLS, assert_same_epochs, run_epochs
-from toy_datasets import RandomValues, WorkerRngValues
+from toy_datasets import (RandomValues, SeedProbe, WorkerRngValues, draw_without_seeding, seed_everything_12345,
+                          seed_numpy_only)
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
@@ -101,3 +106,79 @@ def test_main_process_rng_untouched_by_workers(loaders):
         np.random.seed(0)
         untouched = (torch.rand(1).item(), random.random(), np.random.rand())
         assert after == untouched, f"{impl}: global RNGs advanced by iterating the loader"
+
+
+# --------------------------------------------------------------------------- worker_init_fn seeds
+
+
+def _per_worker(batches) -> dict:
+    """Each worker's samples in the order it made them (in-order delivery, FIFO workers)."""
+    out: dict = {}
+    for batch in batches:
+        for k in range(len(batch["i"])):
+            out.setdefault(int(batch["worker"][k]), []).append(
+                {key: batch[key][k].item() for key in ("initial_seed", "torch", "np", "py")})
+    return out
+
+
+def _seeded_sequence(n: int) -> list:
+    """What n successive samples draw after torch/np/random.seed(12345) in one process."""
+    gen = torch.Generator().manual_seed(12345)
+    rs = np.random.RandomState(12345)
+    py = random.Random(12345)
+    return [{"initial_seed": 12345, "torch": torch.rand((), generator=gen).item(), "np": float(rs.rand()),
+             "py": py.random()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("impl", PROCESS_IMPLS)
+def test_worker_init_fn_seed_wins_as_in_torch(impl, loaders):
+    """torch.manual_seed / np.random.seed / random.seed in worker_init_fn: inside that
+    worker, torch.initial_seed() is the user's seed and the samples draw the user's
+    seeded sequences, continuing across batches, in torch's workers and in nostall's."""
+    loader = loaders.make(impl, SeedProbe(12), batch_size=2, num_workers=2,
+                          worker_init_fn=seed_everything_12345)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_worker = _per_worker(list(loader))
+    assert sorted(per_worker) == [0, 1]
+    for worker, samples in per_worker.items():
+        assert samples == _seeded_sequence(len(samples)), f"worker {worker}"
+    reseed_warnings = [w for w in caught if "worker_init_fn seeded" in str(w.message)]
+    if impl == "nostall":
+        assert len(reseed_warnings) == 1, [str(w.message) for w in caught]
+        text = str(reseed_warnings[0].message)
+        assert "torch.manual_seed" in text and "np.random.seed" in text and "random.seed" in text
+        assert "depend on which worker" in text
+        with warnings.catch_warnings(record=True) as again:  # once per loader, not per epoch
+            warnings.simplefilter("always")
+            list(loader)
+        assert not [w for w in again if "worker_init_fn seeded" in str(w.message)]
+
+
+def test_only_the_generators_worker_init_fn_seeded_are_left_alone(loaders):
+    """Seeding numpy in worker_init_fn leaves torch's and Python's draws seeded per
+    batch by nostall: those stay the same for any number of workers."""
+    def values(nw, init):
+        loader = loaders.make("nostall", SeedProbe(12), batch_size=2, num_workers=nw, worker_init_fn=init,
+                              generator=torch.Generator().manual_seed(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [(b["torch"].tolist(), b["py"].tolist(), b["np"].tolist()) for b in loader]
+
+    plain, seeded_one, seeded_two = values(1, None), values(1, seed_numpy_only), values(2, seed_numpy_only)
+    assert [v[:2] for v in seeded_two] == [v[:2] for v in seeded_one] == [v[:2] for v in plain]
+    assert [v[2] for v in seeded_one] != [v[2] for v in plain]  # numpy: the user's seed
+
+
+def test_worker_init_fn_that_only_draws_is_not_seeding(loaders):
+    """Drawing in worker_init_fn is not seeding: nostall keeps its per-batch seeds, no warning."""
+    def values(init):
+        loader = loaders.make("nostall", SeedProbe(8), batch_size=2, num_workers=2, worker_init_fn=init,
+                              generator=torch.Generator().manual_seed(3))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = [{k: v.tolist() for k, v in b.items() if k != "worker"} for b in loader]
+        assert not [w for w in caught if "worker_init_fn seeded" in str(w.message)]
+        return out
+
+    assert values(draw_without_seeding) == values(None)

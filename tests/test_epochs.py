@@ -10,8 +10,8 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from conftest import (IMPLS, PROCESS_IMPLS, assert_same_epochs, flat_indices,
-                      impl_nw, reference_epochs)
-from toy_datasets import EpochAware, Indexed, Pid, StartLog, append_line
+                      impl_nw, nostall_module, reference_epochs)
+from toy_datasets import EpochAware, Indexed, Pid, Scaled, StartLog, append_line
 
 N = 30
 
@@ -84,6 +84,61 @@ def test_dataset_set_epoch_reaches_workers(impl, nw, loaders):
         ds.set_epoch(e)
         got = flat_indices(loader)
         assert got == [i + 1000 * e for i in range(12)], f"after set_epoch({e}) got {got}"
+
+
+def _epochs_changing(loader, ds, attr: str, values) -> list:
+    """Each epoch's samples, after setting ``ds.<attr>`` (or calling set_epoch) to the next value."""
+    out = []
+    for value in values:
+        if attr == "set_epoch":
+            ds.set_epoch(value)
+        else:
+            setattr(ds, attr, value)
+        out.append(flat_indices(loader))
+    return out
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_plain_dataset_attributes_stay_as_at_first_iter_like_torchs_persistent_workers(method, loaders):
+    """A dataset without set_epoch: an attribute reassigned in the main process does not
+    reach persistent workers, in torch (its own tests assert it) and in nostall."""
+    got = {}
+    for impl in PROCESS_IMPLS:
+        ds = Scaled(8)
+        loader = loaders.make(impl, ds, batch_size=3, num_workers=2, persistent_workers=True,
+                              multiprocessing_context=method)
+        got[impl] = _epochs_changing(loader, ds, "scale", [1, 10, 100])
+    assert got["nostall"] == got["torch"] == [list(range(8))] * 3
+
+
+def test_sync_dataset_attributes_true_behaves_like_fresh_workers(loaders):
+    """The opt-in: every reassigned attribute reaches the workers, as torch's transient
+    workers (re-created with the dataset of the moment at each iter()) see it."""
+    ds_t, ds_n = Scaled(8), Scaled(8)
+    torch_loader = loaders.make("torch", ds_t, batch_size=3, num_workers=2, persistent_workers=False)
+    loader = loaders.make("nostall", ds_n, batch_size=3, num_workers=2, sync_dataset_attributes=True)
+    assert loader.sync_dataset_attributes is True  # an attribute, for frameworks that rebuild loaders
+    expected = _epochs_changing(torch_loader, ds_t, "scale", [1, 10, 100])
+    assert _epochs_changing(loader, ds_n, "scale", [1, 10, 100]) == expected
+    assert expected[2] == [i * 100 for i in range(8)]
+    assert len(set(loader.worker_pids())) == 2  # the same workers all along
+
+
+def test_sync_dataset_attributes_false_leaves_even_set_epoch_to_the_dataset(loaders):
+    """The opt-out for a dataset with set_epoch: as torch's persistent workers, the
+    workers keep the epoch they started with."""
+    got = {}
+    for impl, extra in (("torch", {}), ("nostall", {"sync_dataset_attributes": False})):
+        ds = EpochAware(6)
+        loader = loaders.make(impl, ds, batch_size=4, num_workers=2, persistent_workers=True, **extra)
+        got[impl] = _epochs_changing(loader, ds, "set_epoch", [0, 1, 2])
+    assert got["nostall"] == got["torch"] == [list(range(6))] * 3
+
+
+def test_sync_dataset_attributes_must_be_bool_or_none():
+    nostall = nostall_module()
+    with pytest.raises(ValueError, match=r"`sync_dataset_attributes` must be None .* got 'yes'"):
+        nostall.DataLoader(Indexed(4), sync_dataset_attributes="yes")
 
 
 @pytest.mark.parametrize("impl,nw", impl_nw())

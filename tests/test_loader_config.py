@@ -32,7 +32,8 @@ from nostall._loader_config import (
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 KNOWN_KEYS = ("batch_size, shuffle, drop_last, num_workers, prefetch_factor, persistent_workers, "
-              "pin_memory, worker_type, multiprocessing_context, timeout, in_order")
+              "pin_memory, worker_type, multiprocessing_context, timeout, in_order, "
+              "sync_dataset_attributes")
 
 
 def _error(**kw) -> str:
@@ -89,6 +90,7 @@ def configs(draw) -> LoaderConfig:
         multiprocessing_context=draw(st.sampled_from((None, *START_METHODS))) if many else None,
         timeout=draw(timeout) if many else 0,
         in_order=draw(st.booleans()),
+        sync_dataset_attributes=draw(st.sampled_from([None, False, True])),
     )
 
 
@@ -166,6 +168,20 @@ def test_the_briefs_example_messages(tmp_path, monkeypatch):
     assert str(info.value) == "loader.yaml: key `num_workers`: must be an int >= 0 or 'auto'; got -3."
 
 
+def test_sync_dataset_attributes_round_trips_and_reaches_the_loader(tmp_path):
+    import nostall
+
+    path = tmp_path / "loader.yaml"
+    path.write_text("num_workers: 2\nsync_dataset_attributes: true\n")
+    config = LoaderConfig.load(path)
+    assert config.sync_dataset_attributes is True and LoaderConfig.from_yaml(config.to_yaml()) == config
+    with nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(4)), path) as loader:
+        assert loader.sync_dataset_attributes is True and loader._config.sync_dataset
+    assert "sync_dataset_attributes" not in torch_kwargs(config)  # torch has no such argument
+    with pytest.raises(ConfigError, match="sync_dataset_attributes"):
+        LoaderConfig(sync_dataset_attributes="yes")
+
+
 def test_auto_round_trips_and_builds_an_auto_loader(tmp_path):
     import nostall
 
@@ -174,7 +190,8 @@ def test_auto_round_trips_and_builds_an_auto_loader(tmp_path):
     path = tmp_path / "loader.yaml"
     config.save(path)
     loader = nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(10)), path)
-    assert loader.num_workers == "auto" and loader._config.auto_workers and loader._config.auto_prefetch
+    assert loader.num_workers_setting == "auto" and loader.prefetch_factor_setting == "auto"
+    assert loader._config.auto_workers and loader._config.auto_prefetch
     loader.close()
 
 
@@ -186,7 +203,13 @@ def test_settings_that_need_workers_fail_at_load_time_like_the_loader_would(key,
     message = _error(num_workers=0, **{key: value})
     assert message == (f"`{key}` needs `num_workers` > 0; got {key}={value!r} with num_workers=0. "
                        f"Set num_workers > 0 or remove `{key}`.")
-    # ... because the loader itself refuses the combination when it is built.
+    # ... because the loader itself refuses the combination: when it is built, or (timeout, as
+    # torch's does) when it is iterated.
+    if key == "timeout":
+        loader = nostall.DataLoader(tud.TensorDataset(torch.arange(4)), num_workers=0, **{key: value})
+        with pytest.raises(AssertionError, match="requires timeout == 0"):
+            iter(loader)
+        return
     with pytest.raises(ValueError):
         nostall.DataLoader(tud.TensorDataset(torch.arange(4)), num_workers=0, **{key: value})
 

@@ -146,6 +146,73 @@ def test_lightning_ddp_resume_per_rank(lightning_ddp, tmp_path):
         assert got == {"1": exp["1"][STOP * BATCH:]}
 
 
+_AUTO_FIT = """
+import warnings, torch, lightning as L, nostall
+warnings.simplefilter("always")
+
+class Model(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def train_dataloader(self):
+        ds = torch.utils.data.TensorDataset(torch.rand(256, 4), torch.rand(256, 1))
+        self.loader = nostall.DataLoader(ds, batch_size=32, shuffle=True, num_workers="auto",
+                                         prefetch_factor="auto")
+        return self.loader
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+model = Model()
+trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model)
+loader = model.loader
+print("result", type(loader.num_workers).__name__, loader.num_workers >= 1, loader.num_workers_setting,
+      type(loader.prefetch_factor).__name__, loader.prefetch_factor_setting, loader.stats.batches)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_lightning_fit_with_auto_workers():
+    """num_workers="auto" / prefetch_factor="auto" read as ints (the counts in use), so
+    Lightning's worker check compares them: the fit runs with no error and no warning
+    about the number of workers."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _AUTO_FIT], env=env, capture_output=True, text=True,
+                          timeout=170, cwd=REPO_DIR, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "result int True auto int auto 16" in out, out
+    assert not re.search(r"num_workers|many workers|persistent_workers", out), out
+
+
+def test_lightning_rebuild_from_attributes_keeps_auto():
+    """Lightning rebuilds a loader made outside its hooks from the loader's attributes
+    (e.g. to inject a DistributedSampler): "auto" survives, nostall's own arguments too."""
+    import torch
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    ds = torch.utils.data.TensorDataset(torch.arange(20))
+    loader = nostall.DataLoader(ds, batch_size=4, num_workers="auto", prefetch_factor="auto",
+                                sync_dataset_attributes=True, max_worker_restarts=5)
+    rebuilt = _update_dataloader(loader, torch.utils.data.SequentialSampler(ds))
+    try:
+        assert isinstance(rebuilt, nostall.DataLoader)
+        assert (rebuilt.num_workers_setting, rebuilt.prefetch_factor_setting) == ("auto", "auto")
+        assert rebuilt.sync_dataset_attributes is True and rebuilt.max_worker_restarts == 5
+        assert [b[0].tolist() for b in rebuilt] == [list(range(i, i + 4)) for i in range(0, 20, 4)]
+    finally:
+        rebuilt.close()
+        loader.close()
+
+
 # --------------------------------------------------------------------------- accelerate
 
 

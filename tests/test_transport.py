@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import nostall_module
+from toy_datasets import Indexed
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int8, torch.uint8,
           torch.int64, torch.bool, torch.complex64]
@@ -73,3 +74,90 @@ def test_huge_tasks_and_huge_results_do_not_deadlock():
         sizes = [len(batch) for batch in loader]
         assert sizes == [50_000] * 4
         assert next(iter(loader))[1] == Strings()[1]
+
+
+# --------------------------------------------------------------------------- what torch can send
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass: it must arrive as itself."""
+
+
+class Kinds(Dataset):
+    """Samples holding every kind of tensor torch's DataLoader carries between
+    processes: nested (strided and jagged), sparse COO and CSR, a subclass, views
+    sharing one storage, a conjugate view, an expanded tensor, a leaf that requires
+    grad, and a large one (shared memory)."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        x = torch.arange(10.0) * (i + 1)
+        dense = torch.eye(3) * (i + 1)
+        return {
+            "nested": torch.nested.nested_tensor([torch.ones(i + 1), torch.full((2,), float(i))]),
+            "jagged": torch.nested.nested_tensor([torch.ones(i + 1, 2), torch.zeros(2, 2)], layout=torch.jagged),
+            "sparse": dense.to_sparse(),
+            "csr": dense.to_sparse_csr(),
+            "subclass": torch.arange(4.0).as_subclass(Tagged),
+            "base": x,
+            "view": x[2:5],
+            "strided": x[::3],
+            "conj": (torch.arange(3.0) * 1j + i).conj(),
+            "expanded": torch.tensor([float(i)]).expand(4),
+            "grad": torch.ones(2, requires_grad=True),
+            "big": torch.full((300, 300), float(i)),
+        }
+
+
+def collate_with_views(samples):
+    """A collated batch whose parts are views of one storage made in the worker."""
+    stacked = torch.stack([torch.arange(6.0) + s for s in samples])
+    return {"all": stacked, "first": stacked[0], "column": stacked[:, 1]}
+
+
+def _same_tensor(a, b, path):
+    assert type(a) is type(b), f"{path}: {type(b).__name__} != torch's {type(a).__name__}"
+    assert (a.layout, a.dtype, a.is_nested, a.requires_grad) == (b.layout, b.dtype, b.is_nested, b.requires_grad), path
+    if a.is_nested:
+        assert all(torch.equal(x, y) for x, y in zip(a.unbind(), b.unbind(), strict=True)), path
+    elif a.layout != torch.strided:
+        assert torch.equal(a.to_dense(), b.to_dense()), path
+    else:
+        assert a.shape == b.shape and a.is_conj() == b.is_conj() and torch.equal(a, b), path
+
+
+def _storage_links(batch: dict) -> dict:
+    """Which parts of a batch share memory with which (by address ranges), as torch's output has them."""
+    def span(t):
+        start = t.untyped_storage().data_ptr()
+        return start, start + t.untyped_storage().nbytes()
+
+    dense = {k: v for k, v in batch.items() if v.layout == torch.strided and not v.is_nested}
+    return {(k, j): span(v)[0] < span(w)[1] and span(w)[0] < span(v)[1]
+            for k, v in dense.items() for j, w in dense.items() if k < j}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_what_torch_can_send_arrives_as_from_torch(method):
+    """Nested, sparse, subclassed and shared-storage batches go through nostall's
+    transport (torch's reductions where the inline copy does not apply) and arrive
+    exactly as torch's DataLoader delivers them, storage sharing included."""
+    nostall = nostall_module()
+    kw = dict(num_workers=1, multiprocessing_context=method)
+    loader_kw = [dict(batch_size=None), dict(batch_size=2, collate_fn=collate_with_views)]
+    datasets_ = [Kinds(), Indexed(6)]
+    for ds, extra in zip(datasets_, loader_kw):
+        ref_loader = torch.utils.data.DataLoader(ds, **kw, **extra)
+        expected = list(ref_loader)
+        with nostall.DataLoader(ds, **kw, **extra) as loader:
+            got = list(loader)
+        assert len(got) == len(expected)
+        for n, (e, g) in enumerate(zip(expected, got)):
+            assert e.keys() == g.keys()
+            for key in e:
+                _same_tensor(e[key], g[key], f"batch {n}[{key!r}] ({method})")
+            assert _storage_links(g) == _storage_links(e), f"batch {n}: storage sharing differs from torch's"
+        got[0]["all"].add_(1) if "all" in got[0] else got[0]["base"].add_(1)  # writable, like torch's

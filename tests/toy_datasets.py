@@ -347,3 +347,50 @@ class RaisesGetitems(Raises):
 
     def __getitems__(self, indices):
         return [self[i] for i in indices]
+
+
+class Scaled(Indexed):
+    """``ds[i] == i * scale``: a plain attribute with no ``set_epoch`` (torch's persistent
+    workers keep the value it had at the first ``iter()``)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.scale = 1
+
+    def __getitem__(self, i):
+        return i * self.scale
+
+
+class SeedProbe(Indexed):
+    """What a sample sees of the global RNGs: the worker, torch's initial seed, and one
+    draw from each of torch's, numpy's and Python's global generators."""
+
+    def __getitem__(self, i):
+        info = get_worker_info()
+        return {
+            "i": i,
+            "worker": info.id if info is not None else -1,
+            "initial_seed": torch.initial_seed(),
+            "torch": torch.rand(()).item(),
+            "np": float(np.random.rand()),
+            "py": random.random(),
+        }
+
+
+def seed_everything_12345(worker_id: int) -> None:
+    """worker_init_fn: the user seeds every global generator (the same seed in every worker)."""
+    torch.manual_seed(12345)
+    np.random.seed(12345)
+    random.seed(12345)
+
+
+def seed_numpy_only(worker_id: int) -> None:
+    """worker_init_fn: the classic numpy-duplicates fix, seeding numpy per worker."""
+    np.random.seed(1000 + worker_id)
+
+
+def draw_without_seeding(worker_id: int) -> None:
+    """worker_init_fn that draws from every global generator but seeds none."""
+    torch.rand(10)
+    np.random.rand(1000)
+    [random.random() for _ in range(1000)]

@@ -48,6 +48,7 @@ class PoolConfig:
     max_inflight_bytes: int | None = None
     auto_workers: bool = False  # num_workers="auto": num_workers is then the most the tuner may use
     auto_prefetch: bool = False  # prefetch_factor="auto"
+    sync_dataset: bool = False  # attributes reassigned on the dataset reach process workers
 
     def __post_init__(self):
         if self.worker_type not in WORKER_TYPES:

@@ -118,7 +118,8 @@ def shard_sampler(
         ) from None
     # initial_seed() draws nothing, so the generator still yields torch's base seed.
     # DistributedSampler seeds with seed + epoch: keep headroom below 2**64.
-    seed = generator.initial_seed() & (2**63 - 1) if generator is not None else 0
+    # Anything but a torch.Generator is refused at iter(), with torch's error (see _loader).
+    seed = generator.initial_seed() & (2**63 - 1) if isinstance(generator, torch.Generator) else 0
     return tud.DistributedSampler(
         dataset,
         num_replicas=info.world_size,

@@ -42,6 +42,21 @@ _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not w
 _warned_copy_on_read = False
 
 
+def _warn_reseeded(worker_id: int, reseeded: frozenset) -> None:
+    names = {"torch": "torch's (torch.manual_seed)", "numpy": "numpy's (np.random.seed)",
+             "random": "Python's (random.seed)"}
+    which = ", ".join(names[n] for n in sorted(reseeded))
+    warnings.warn(
+        f"nostall: worker_init_fn seeded the global random generator(s) {which} in worker {worker_id} "
+        "(and maybe others). Your seed wins: nostall no longer seeds those per batch in workers whose "
+        "worker_init_fn seeded them, so random draws from them in your dataset depend on which worker "
+        "makes a batch and on num_workers, as in torch's DataLoader. Without the seeding in "
+        "worker_init_fn, nostall seeds every batch from (seed, epoch, batch number) and batches do not "
+        "depend on the workers.",
+        stacklevel=4,
+    )
+
+
 def _warn_copy_on_read(dataset, num_workers: int) -> None:
     """Once per process: point a dataset holding large Python containers to nostall.flat."""
     global _warned_copy_on_read
@@ -123,6 +138,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._polled = 0.0
         self._tuned_cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
+        self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -345,7 +361,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         return self._sched.pick(time.monotonic())
 
     def _submit(self, worker_id: int, plan: EpochPlan, batch_no: int, indices) -> None:
-        if self.pool.passes_attrs:
+        if self.pool.passes_attrs and self.config.sync_dataset:
             self._sync_dataset(worker_id, plan)
         task_id = next(self._task_ids)
         now = time.monotonic()
@@ -354,7 +370,8 @@ class Engine(Resuming, FaultHandling, Tuning):
         self.pool.submit(worker_id, Task(task_id, plan.number, batch_no, indices))
 
     def _sync_dataset(self, worker_id: int, plan: EpochPlan) -> None:
-        """Send the worker the dataset attributes it lacks for this plan (set_epoch & co)."""
+        """Send the worker the dataset attributes it lacks for this plan (set_epoch & co;
+        only with ``sync_dataset``: otherwise workers keep the dataset of the first epoch, as torch's)."""
         target = plan.assumed["dataset"][1]
         have = self._worker_dstate[worker_id]
         if have is target or have == target:
@@ -377,6 +394,9 @@ class Engine(Resuming, FaultHandling, Tuning):
             self.close()
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
+        if result.reseeded and not self._reseed_warned:
+            self._reseed_warned = True
+            _warn_reseeded(worker_id, result.reseeded)
         if result.done:
             self._last_done[worker_id] = result.done
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)

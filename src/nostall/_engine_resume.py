@@ -152,6 +152,6 @@ class Resuming:
             if self._inline is not None:
                 self._inline.resume(msg)
                 continue
-            if self.pool.passes_attrs:  # attributes first: they must not overwrite the loaded state
+            if self.pool.passes_attrs and self.config.sync_dataset:  # attributes first: they must not overwrite the loaded state
                 self._sync_dataset(w, plan)
             self.pool.submit(w, msg)

@@ -6,13 +6,16 @@ import functools
 import inspect
 import warnings
 import weakref
+from typing import TypeVar
 
 import torch
 import torch.utils.data as tud
 
-from ._config import PoolConfig
-from ._distributed import advance_epoch, shard_sampler
 from . import _autotune, _resume
+from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
+                         sync_dataset)
+from ._config import PoolConfig
+from ._distributed import advance_epoch, local_cpu_budget, shard_sampler
 from ._engine import Engine
 from ._plan import Planner
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
@@ -20,6 +23,7 @@ from ._worker import WorkSpec
 
 _TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
 _pin_warned = False
+_T_co = TypeVar("_T_co", covariant=True)
 
 
 def _accelerator() -> str | None:
@@ -41,7 +45,7 @@ def _warn_pin_memory_once() -> None:
         )
 
 
-class DataLoader(tud.DataLoader):
+class DataLoader(tud.DataLoader[_T_co]):
     """A drop-in ``torch.utils.data.DataLoader`` whose workers persist and never pause.
 
     Every argument has torch's meaning and torch's validation. Differences, each
@@ -53,14 +57,31 @@ class DataLoader(tud.DataLoader):
       gives torch's transient workers (for comparison).
     * Randomness inside workers is seeded per batch from (base seed, epoch, batch
       number), so batches do not depend on ``num_workers`` or on which worker made
-      them. See ``nostall._plan`` for exactly when the global RNG is drawn.
+      them. See ``nostall._plan`` for exactly when the global RNG is drawn. A
+      ``worker_init_fn`` that seeds torch's, numpy's or Python's global generator
+      wins in that worker, as in torch: nostall stops seeding that generator per
+      batch there and warns once (draws from it then depend on the worker).
+    * Process workers keep the dataset as it was at the first ``iter()``, as torch's
+      persistent workers do, except for datasets that take part in epochs or resume
+      (they define ``set_epoch`` or ``load_state_dict``): attributes reassigned on
+      those in this process (``set_epoch`` setting ``self.epoch``) reach the workers
+      before their next batch. ``sync_dataset_attributes=True`` asks for that copy
+      for any dataset, ``False`` turns it off.
     * ``worker_type="thread"`` runs workers as threads of this process (for datasets
       that wait on I/O and release the GIL); ``"process"`` (default) uses processes
       forked from one factory process, so ``spawn`` starts in about the time of one
       interpreter, not ``num_workers`` of them; ``"auto"`` starts with processes and
       switches to threads when the workers mostly wait (see ``nostall._autotune``).
     * ``num_workers="auto"`` / ``prefetch_factor="auto"`` tune themselves while the
-      loop runs (``loader.stats.tuner`` says what changed and why).
+      loop runs (``loader.stats.tuner`` says what changed and why). The attributes
+      ``loader.num_workers`` and ``loader.prefetch_factor`` stay ints, as tools
+      comparing them expect (the values in use now); ``num_workers_setting`` and
+      ``prefetch_factor_setting`` say ``"auto"``.
+
+    Invalid arguments raise torch's exception with torch's message, at the moment
+    torch raises it (construction, or ``iter()`` for e.g. ``timeout`` without
+    workers or a ``generator`` that is not a ``torch.Generator``); nostall's
+    explanation, when it has one, follows in parentheses.
 
     At most ``num_workers * prefetch_factor`` batches are in flight at once (made
     or being made but not yet returned to you), including those prepared for the
@@ -111,21 +132,13 @@ class DataLoader(tud.DataLoader):
         on_sample_error="raise",
         max_skipped_fraction=0.01,
         max_inflight_bytes=None,
+        sync_dataset_attributes=None,
     ):
-        auto_workers, auto_prefetch = num_workers == "auto", prefetch_factor == "auto"
+        auto_workers, auto_prefetch = is_auto(num_workers), is_auto(prefetch_factor)
         if auto_workers:
             num_workers = _autotune.MAX_WORKERS  # the most the tuner may use
-        if (isinstance(num_workers, bool) or not isinstance(num_workers, int)) and not auto_workers:
-            raise TypeError(f"`num_workers` must be an int >= 0 or 'auto'; got {num_workers!r}.")
         if auto_prefetch:
-            if num_workers == 0:
-                raise ValueError("`prefetch_factor='auto'` needs worker processes; got num_workers=0.")
-            prefetch_factor = 2  # where the tuner starts
-        if num_workers == 0 and timeout:
-            raise ValueError(
-                f"`timeout` applies only to worker loading; got timeout={timeout} with "
-                "num_workers=0. Set num_workers > 0 or timeout=0."
-            )
+            prefetch_factor = 2  # where the tuner starts; torch refuses any prefetch_factor without workers
         # Under torch.distributed each rank loads its own shard (see nostall._distributed).
         self._nostall_shard_sampler = shard_sampler(
             dataset, sampler=sampler, batch_sampler=batch_sampler, shuffle=shuffle,
@@ -136,28 +149,42 @@ class DataLoader(tud.DataLoader):
         self._nostall_sampler_epoch = 0  # the sampler's epoch as nostall last set it
         explicit_persistent = bool(persistent_workers)
         if persistent_workers is None:
-            persistent_workers = num_workers > 0
+            persistent_workers = positive(num_workers)
         extra = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
-        with warnings.catch_warnings():
-            if auto_workers:  # torch's "more workers than CPUs" warning: "auto" starts few
-                warnings.filterwarnings("ignore", message=".*worker processes in total.*")
-            super().__init__(
-                dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
-                pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
-                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                pin_memory_device=pin_memory_device, **extra,
-            )
+        # torch validates first, with its own exception types and messages; nostall only
+        # adds its explanation after torch's message.
+        try:
+            with warnings.catch_warnings():
+                if auto_workers:  # torch's "more workers than CPUs" warning: "auto" starts few
+                    warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+                super().__init__(
+                    dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
+                    pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+                    prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                    pin_memory_device=pin_memory_device, **extra,
+                )
+        except (TypeError, ValueError) as exc:
+            explain(exc, constructor_hint(num_workers, auto_prefetch))
+            raise
         if auto_workers and self._dataset_kind == 1:
             raise ValueError(
                 "`num_workers='auto'` needs a map-style dataset: an iterable dataset shards its stream "
                 "by the number of workers, which 'auto' changes. Pass a number of workers."
             )
-        if worker_type == "auto" and (self._dataset_kind == 1 or num_workers == 0):
+        # torch checks these when an iterator is made, not here: so does nostall (__iter__).
+        self._nostall_iter_error = iter_error(num_workers, self.__dict__["prefetch_factor"], timeout)
+        workers = as_count(num_workers)
+        if worker_type == "auto" and (self._dataset_kind == 1 or workers == 0):
             raise ValueError(
                 "`worker_type='auto'` needs a map-style dataset and num_workers > 0 (it may switch "
                 "running workers from processes to threads, and an iterable dataset's workers each "
                 f"hold a stream position); got {'an iterable dataset' if self._dataset_kind == 1 else 'num_workers=0'}. "
                 "Pass worker_type='process' or 'thread'."
+            )
+        if sync_dataset_attributes not in (None, True, False):
+            raise ValueError(
+                "`sync_dataset_attributes` must be None (automatic: on for datasets with set_epoch or "
+                f"load_state_dict), True or False; got {sync_dataset_attributes!r}."
             )
         self.in_order = in_order
         self.worker_type = worker_type
@@ -166,12 +193,13 @@ class DataLoader(tud.DataLoader):
         self.max_worker_restarts, self.hang_timeout, self.on_hang = max_worker_restarts, hang_timeout, on_hang
         self.on_sample_error, self.max_skipped_fraction = on_sample_error, max_skipped_fraction
         self.max_inflight_bytes = max_inflight_bytes
+        self.sync_dataset_attributes = sync_dataset_attributes
         if auto_workers:
-            self.num_workers = "auto"  # the tuner's current choice is in loader.stats.tuner
+            self.__dict__["num_workers"] = "auto"  # `num_workers` reads the current count (see the property)
         ctx = self.multiprocessing_context or torch.multiprocessing.get_context()
         self._config = PoolConfig(
-            num_workers=num_workers,
-            prefetch_factor=self.prefetch_factor or 0,
+            num_workers=workers,
+            prefetch_factor=as_count(self.__dict__["prefetch_factor"]) if workers else 0,
             persistent=bool(persistent_workers),
             worker_type=worker_type,
             start_method=ctx.get_start_method(),
@@ -186,20 +214,21 @@ class DataLoader(tud.DataLoader):
             max_inflight_bytes=max_inflight_bytes,
             auto_workers=auto_workers,
             auto_prefetch=auto_prefetch,
+            sync_dataset=sync_dataset(dataset, sync_dataset_attributes),
         )
         self._ctx = ctx
         if auto_prefetch:
-            self.prefetch_factor = "auto"  # the tuner's current choice is in loader.stats.tuner
+            self.__dict__["prefetch_factor"] = "auto"  # `prefetch_factor` reads the current one
         # torch builds a RandomSampler itself for shuffle=True; nostall may give that
         # one (and only that one) a private generator after the first epoch.
         self._nostall_builtin_sampler = sampler is None and batch_sampler is None and bool(shuffle)
-        self._torch_persistent = explicit_persistent and num_workers > 0
+        self._torch_persistent = explicit_persistent and workers > 0
         self._engine: Engine | None = None
         self._finalizer = None
         self._pending_state: dict | None = None
         self._recorder = Recorder() if stats else None
         if self._recorder is not None:
-            self._stats = LoaderStats(self._recorder, num_workers=num_workers)
+            self._stats = LoaderStats(self._recorder, num_workers=workers)
         else:
             self._stats = None
 
@@ -217,6 +246,12 @@ class DataLoader(tud.DataLoader):
         pin_device = None
         if cfg.pin_memory:
             pin_device = _accelerator()
+            if self.pin_memory_device:
+                warnings.warn(
+                    "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+                    f"ignore pin_memory_device='{self.pin_memory_device}'.",
+                    stacklevel=3,
+                )
             if pin_device is None:
                 _warn_pin_memory_once()
         planner = Planner(
@@ -241,8 +276,55 @@ class DataLoader(tud.DataLoader):
         self._finalizer = weakref.finalize(self, _release, engine, self._recorder)
         return engine
 
+    @property
+    def num_workers(self) -> int:
+        """The number of workers, an int as in torch. With ``num_workers="auto"`` it is
+        the number the tuner uses now (before the first epoch: the number it starts
+        with); :attr:`num_workers_setting` then says ``"auto"``."""
+        value = self.__dict__.get("num_workers", 0)
+        if not is_auto(value):
+            return value
+        engine = self.__dict__.get("_engine")
+        if engine is not None and engine.tuner is not None:
+            return engine.tuner.workers
+        return _autotune.initial_workers(local_cpu_budget(), self._config.num_workers)
+
+    @num_workers.setter
+    def num_workers(self, value) -> None:
+        self.__dict__["num_workers"] = value
+
+    @property
+    def num_workers_setting(self):
+        """``num_workers`` as given: ``"auto"`` or the number."""
+        return self.__dict__.get("num_workers", 0)
+
+    @property
+    def prefetch_factor(self) -> int | None:
+        """Batches prepared ahead per worker, an int (or None without workers) as in torch.
+        With ``prefetch_factor="auto"`` it is the tuner's current value;
+        :attr:`prefetch_factor_setting` then says ``"auto"``."""
+        value = self.__dict__.get("prefetch_factor")
+        if not is_auto(value):
+            return value
+        engine = self.__dict__.get("_engine")
+        if engine is not None and engine.tuner is not None:
+            return engine.tuner.prefetch
+        return self._config.prefetch_factor
+
+    @prefetch_factor.setter
+    def prefetch_factor(self, value) -> None:
+        self.__dict__["prefetch_factor"] = value
+
+    @property
+    def prefetch_factor_setting(self):
+        """``prefetch_factor`` as given (after torch's default of 2 with workers): ``"auto"`` or the number."""
+        return self.__dict__.get("prefetch_factor")
+
     def __iter__(self):
         called = _clock()
+        check_generator(self.generator)
+        if self._nostall_iter_error is not None:  # a new instance: one traceback per raise
+            raise type(self._nostall_iter_error)(*self._nostall_iter_error.args)
         if self._engine is None:
             self._engine = self._start_engine()
         if self._pending_state is not None:

@@ -136,6 +136,8 @@ RULES: dict[str, _Rule] = {
         _or_none(_one_of(*START_METHODS))),
     "timeout": _Rule("a number of seconds >= 0", _number_from(0)),
     "in_order": _BOOL,
+    "sync_dataset_attributes": _Rule(
+        "true, false, or null (true for datasets with set_epoch or load_state_dict)", _or_none(_is_bool)),
 }
 
 
@@ -159,6 +161,7 @@ class LoaderConfig:
     multiprocessing_context: str | None = None
     timeout: float = 0.0
     in_order: bool = True
+    sync_dataset_attributes: bool | None = None
 
     def __post_init__(self):
         for name, rule in RULES.items():
@@ -331,7 +334,7 @@ def torch_kwargs(config: LoaderConfig) -> dict[str, Any]:
     """Keyword arguments giving torch's own DataLoader the same behaviour.
 
     ``worker_type`` is dropped (torch only has processes; threads make the same
-    batches). ``persistent_workers`` is made explicit because nostall's default
+    batches), and so is ``sync_dataset_attributes`` (torch has no such setting). ``persistent_workers`` is made explicit because nostall's default
     (persistent when num_workers > 0) is not torch's.
 
     One difference remains when ``persistent_workers`` is null, workers > 0 and a
@@ -342,6 +345,7 @@ def torch_kwargs(config: LoaderConfig) -> dict[str, Any]:
     """
     kw = loader_kwargs(config)
     del kw["worker_type"]
+    kw.pop("sync_dataset_attributes", None)  # torch's persistent workers never see later changes
     if config.persistent_workers is None:
         kw["persistent_workers"] = config.num_workers > 0
     if not _TORCH_HAS_IN_ORDER:

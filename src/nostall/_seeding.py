@@ -5,6 +5,12 @@ generator before every batch, so a batch is the same whichever worker makes it a
 however many workers there are. In-process loading (``num_workers=0``) does the same
 but saves and restores the caller's RNG state around each batch, so the training
 loop's own random stream is untouched.
+
+A ``worker_init_fn`` that seeds one of these generators (``torch.manual_seed(s)``,
+``np.random.seed(s)``, ``random.seed(s)``) wins in that worker, as in torch: the
+worker compares each generator before and after it (:func:`reseeded_since`) and
+no longer seeds a reseeded one per batch. A ``worker_init_fn`` that only draws
+from a generator does not count as seeding it.
 """
 
 from __future__ import annotations
@@ -38,14 +44,70 @@ def batch_seed(base_seed: int, epoch: int, batch_no: int) -> int:
     return x >> 1
 
 
-def seed_globals(seed: int) -> None:
-    """Seed ``random``, ``numpy.random`` and torch's default generator from ``seed``."""
-    random.seed(seed)
+GLOBALS = frozenset(("random", "numpy", "torch"))  # the global generators nostall seeds per batch
+
+
+def seed_globals(seed: int, which: frozenset = GLOBALS) -> None:
+    """Seed ``random``, ``numpy.random`` and torch's default generator (those named
+    in ``which``) from ``seed``."""
+    if "random" in which:
+        random.seed(seed)
     # torch.manual_seed would also seed every accelerator (~100x slower per batch);
     # workers make CPU batches, so the CPU generator is the one that matters.
-    torch.default_generator.manual_seed(seed)
-    if np is not None:
+    if "torch" in which:
+        torch.default_generator.manual_seed(seed)
+    if np is not None and "numpy" in which:
         np.random.seed(seed & 0xFFFFFFFF)
+
+
+def global_snapshot() -> tuple:
+    """What :func:`reseeded_since` compares: torch's initial seed, random's and numpy's states."""
+    return (torch.initial_seed(), random.getstate(), np.random.get_state() if np is not None else None)
+
+
+_MT_WORDS = 624  # 32-bit words one Mersenne Twister state yields before it regenerates
+_MAX_TWISTS = 64  # draws of up to ~40,000 words are told apart from a reseed
+
+
+def _python_drew_only(before, after) -> bool:
+    if before[1][:-1] == after[1][:-1]:
+        return True  # same keys: only the position (or the cached gauss) moved
+    probe = random.Random()
+    probe.setstate(before)
+    for _ in range(_MAX_TWISTS):
+        probe.getrandbits(32 * _MT_WORDS)  # 624 words: the key array regenerates once
+        if probe.getstate()[1][:-1] == after[1][:-1]:
+            return True
+    return False
+
+
+def _numpy_drew_only(before, after) -> bool:
+    if np.array_equal(before[1], after[1]):
+        return True
+    probe = np.random.MT19937()
+    probe.state = {"bit_generator": "MT19937", "state": {"key": before[1], "pos": before[2]}}
+    for _ in range(_MAX_TWISTS):
+        probe.random_raw(_MT_WORDS)
+        if np.array_equal(probe.state["state"]["key"], after[1]):
+            return True
+    return False
+
+
+def reseeded_since(before: tuple) -> frozenset:
+    """The global generators seeded (or set) since ``before`` (:func:`global_snapshot`);
+    draws alone are not seeding. torch's is told by its initial seed."""
+    torch_seed, py, npy = before
+    found = set()
+    if torch.initial_seed() != torch_seed:
+        found.add("torch")
+    now = random.getstate()
+    if now != py and not _python_drew_only(py, now):
+        found.add("random")
+    if np is not None:
+        now_np = np.random.get_state()
+        if not (np.array_equal(now_np[1], npy[1]) and now_np[2:] == npy[2:]) and not _numpy_drew_only(npy, now_np):
+            found.add("numpy")
+    return frozenset(found)
 
 
 class saved_global_rng:

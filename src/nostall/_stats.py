@@ -39,6 +39,8 @@ def batch_len(batch: Any) -> int:
         batch = next(iter(batch.values()), None)
     elif isinstance(batch, (list, tuple)) and batch:
         batch = batch[0]
+    if getattr(batch, "is_nested", False):  # a nested tensor has no single shape
+        return int(batch.size(0))
     shape = getattr(batch, "shape", None)
     if shape is not None and len(shape) > 0:
         return int(shape[0])

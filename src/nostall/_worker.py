@@ -93,6 +93,7 @@ class Result(NamedTuple):
     state: Any = None
     ended: bool = False
     drew_global: bool = False  # the dataset drew from a global RNG (watched batches only)
+    reseeded: frozenset = frozenset()  # global RNGs worker_init_fn seeded (first result of a worker)
 
 
 _WATCHED_BATCHES = 8  # batches per worker checked for global-RNG draws (worker_type="auto")
@@ -102,12 +103,14 @@ class BatchMaker:
     """Makes batches from tasks, seeding randomness per batch (see ``_seeding``)."""
 
     def __init__(self, spec: WorkSpec, base_seed: int, worker_id: int | None, seed_globals: bool,
-                 keep_state: str | None = None):
+                 keep_state: str | None = None, reseeded: frozenset = frozenset()):
         self.spec = spec
         self.dataset = spec.dataset
         self.base_seed = base_seed
         self.worker_id = worker_id
-        self.seed_globals = seed_globals
+        # The global RNGs seeded per batch: not those worker_init_fn seeded (the user's seed wins).
+        self.seeded = (_seeding.GLOBALS - reseeded) if seed_globals else frozenset()
+        self._reseeded = reseeded  # told to the loader with the first result
         self.rng = _seeding.WorkerRNG.create()
         self._fetcher = None
         self._fetcher_epoch = None
@@ -138,13 +141,14 @@ class BatchMaker:
         state, self._state = self._state, None
         ended, self._ended = self._ended, False
         drew, self._drew_global = self._drew_global, False
+        reseeded, self._reseeded = self._reseeded, frozenset()
         return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu,
-                      tuple(self._skipped), note, state, ended, drew)
+                      tuple(self._skipped), note, state, ended, drew, reseeded)
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
-        if self.seed_globals:
-            _seeding.seed_globals(seed)
+        if self.seeded:
+            _seeding.seed_globals(seed, self.seeded)
         watched = _seeding.global_rng_fingerprint() if self._watch_left > 0 else None
         _seeding._begin_batch(self.rng, seed)
         current = [task.indices]
@@ -317,10 +321,15 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         if not threaded:
             _seeding.seed_globals(seed)
         _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
+        reseeded = frozenset()
         if spec.worker_init_fn is not None:
+            before = None if threaded else _seeding.global_snapshot()
             spec.worker_init_fn(worker_id)
-        return BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded,
-                          keep_state="copy" if threaded else "send"), None
+            if before is not None:
+                reseeded = _seeding.reseeded_since(before)
+        maker = BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded,
+                           keep_state="copy" if threaded else "send", reseeded=reseeded)
+        return maker, None
     except Exception:
         who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
         where = f"in nostall {who} while starting (worker_init_fn)"
