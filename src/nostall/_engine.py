@@ -215,6 +215,7 @@ class Engine(Resuming, FaultHandling, Tuning):
             return self._next_inline(plan)
         called = time.monotonic() if self.tuner is not None else 0.0
         self._polled = 0.0  # seconds this call spent waiting for workers (for the tuner)
+        plan.waiting_since = None  # torch's `timeout` counts from when this call starts waiting
         while True:
             result = self._take_ready(plan)
             if result is not None:
@@ -247,10 +248,11 @@ class Engine(Resuming, FaultHandling, Tuning):
         if arrived or self.pool.poll_progressed:
             plan.waiting_since = now
         elif timeout is not None and now - plan.waiting_since >= timeout:
-            raise RuntimeError(
-                f"DataLoader timed out after {self.config.timeout} seconds: no batch arrived "
-                f"from {self.config.num_workers} workers (`timeout` argument). A worker may be "
-                "stuck in the dataset's __getitem__; raise `timeout` or find the slow sample."
+            raise RuntimeError(  # torch's sentence first: code and alerts written for torch match
+                f"DataLoader timed out after {self.config.timeout} seconds. nostall: no batch arrived "
+                f"from its {len(self._sched.load)} workers for {now - plan.waiting_since:.1f} s "
+                f"(`timeout={self.config.timeout}`){self._waiting_on()}. A sample may be stuck in the "
+                "dataset's __getitem__ or be slower than `timeout`: raise `timeout` or find the slow sample."
             )
         return arrived
 

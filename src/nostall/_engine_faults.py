@@ -95,6 +95,21 @@ class FaultHandling:
             stacklevel=2,
         )
 
+    def _waiting_on(self) -> str:
+        """For a timeout: ``", waiting for batch 3 of epoch 0 (sample indices [..]) from worker 0 (pid 12)"``."""
+        plan = self._current
+        mine = [t for t in self._inflight.values() if t.plan is plan and t.wanted]
+        if not mine:
+            return ""
+        if self.config.in_order:
+            mine = [t for t in mine if t.batch_no == self._deliver_no] or mine
+        task = min(mine, key=lambda t: t.batch_no)
+        what = f"batch {task.batch_no} of epoch {plan.number}"
+        if not self.planner.iterable:
+            what += f" (sample indices {task.indices})"
+        pid = self.pool.pids.get(task.worker_id)
+        return f", waiting for {what} from worker {task.worker_id}" + (f" (pid {pid})" if pid else "")
+
     def _check_hangs(self) -> None:
         """Report a batch that has run far longer than its peers, with its worker's
         stack; then restart that worker or raise (``on_hang``)."""

@@ -203,7 +203,7 @@ class DataLoader(tud.DataLoader[_T_co]):
             persistent=bool(persistent_workers),
             worker_type=worker_type,
             start_method=ctx.get_start_method(),
-            timeout=float(timeout),
+            timeout=timeout,  # as given: torch's timeout error prints it as given
             in_order=bool(in_order),
             pin_memory=bool(pin_memory),
             max_restarts=max_worker_restarts,

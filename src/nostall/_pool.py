@@ -13,8 +13,9 @@ import queue
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from multiprocessing import connection, reduction
+from multiprocessing import connection, reduction, util
 
 from . import _diagnose, _pickling, _transport, _worker, _zygote
 
@@ -80,6 +81,10 @@ class ProcessPool:
             )
             raise
         child.close()
+        # multiprocessing's exit handler joins every non-daemonic child, the factory
+        # included, and in a multiprocessing child (torch.multiprocessing.spawn) it is
+        # the only cleanup that runs: close the pool first, or that join never ends.
+        self._at_exit = util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
         self._conns: dict[int, connection.Connection] = {}
         self._worker_of: dict[connection.Connection, int] = {}
         self.pids: dict[int, int] = {}
@@ -200,6 +205,7 @@ class ProcessPool:
         if self._closed:
             return
         self._closed = True
+        self._at_exit.cancel()
         for conn in self._conns.values():
             conn.close()  # workers see the end of their pipe and return; never blocks
         self._conns.clear()
@@ -216,6 +222,13 @@ class ProcessPool:
         self._factory.close()
         for pid in self.pids.values():  # killed workers could not remove theirs
             _diagnose.forget_stack_file(pid)
+
+
+def _close_at_exit(pool_ref) -> None:
+    # Finalize runs this only in the process that made the pool (it checks the pid).
+    pool = pool_ref()
+    if pool is not None:
+        pool.close()
 
 
 class ThreadPool:
