@@ -11,6 +11,7 @@ import collections
 import math
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -394,3 +395,52 @@ def draw_without_seeding(worker_id: int) -> None:
     torch.rand(10)
     np.random.rand(1000)
     [random.random() for _ in range(1000)]
+def end_this_process(how: str) -> None:
+    """Die as a crashing C extension would: ``how`` is a signal name or "exit" (os._exit(3))."""
+    if how == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), getattr(signal, how))
+    time.sleep(60)  # a blocked or ignored signal: never return a sample
+
+
+class DiesAt(Indexed):
+    """Sample ``bad`` ends its worker process every time (never use with num_workers=0);
+    each attempt first appends the worker's pid to ``log``."""
+
+    def __init__(self, n: int, bad: int, how: str, log: str):
+        super().__init__(n)
+        self.bad, self.how, self.log = bad, how, log
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            append_line(self.log, str(os.getpid()))
+            end_this_process(self.how)
+        return super().__getitem__(i)
+
+
+class DiesAtStream(IterableDataset):
+    """Yields 0..n-1 in one worker's stream and ends its process at ``bad``."""
+
+    def __init__(self, n: int, bad: int, how: str, log: str):
+        self.n, self.bad, self.how, self.log = n, bad, how, log
+
+    def __iter__(self):
+        for i in range(self.n):
+            if i == self.bad:
+                append_line(self.log, str(os.getpid()))
+                end_this_process(self.how)
+            yield i
+
+
+class HangsAlways(Indexed):
+    """Sample ``bad`` never finishes (each attempt appends the worker's pid to ``log``)."""
+
+    def __init__(self, n: int, bad: int, log: str):
+        super().__init__(n)
+        self.bad, self.log = bad, log
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            append_line(self.log, str(os.getpid()))
+            spin_forever()
+        return super().__getitem__(i)

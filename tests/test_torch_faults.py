@@ -9,13 +9,21 @@ that no worker (or nostall factory) process outlives it.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
-from conftest import SRC_DIR, TESTS_DIR, wait_gone
+import torch
+import torch.utils.data
+from conftest import SRC_DIR, TESTS_DIR, assert_same_epochs, run_epochs, wait_gone
+from datasets import DiesAt, DiesAtStream, HangsAlways, RandomValues
+
+import nostall
 
 EXIT_BOUND_S = 20.0  # generous: torch's child exits ~3 s after the error on 2 busy cores
 
@@ -154,3 +162,146 @@ def test_main_process_exits_on_error_or_sys_exit(tmp_path, impl, case):
         assert "Traceback" not in run.stderr, run.stderr[-3000:]
     else:
         check_exit(run, took, pids, impl, 1, BOOM if case == "raise" else TIMEOUT_TEXT)
+
+
+# --------------------------------------------------------------------------- a worker killed by a signal
+
+
+def torch_death_sentence(dataset, **kw) -> str:
+    """What torch's DataLoader says when ``dataset`` ends its worker: the message in the
+    error chain that names the worker's pid (torch raises "... (pid(s) N) exited
+    unexpectedly" from it, or raises it directly from its SIGCHLD handler)."""
+    # The death comes in the first batch: a death while torch is fetching an earlier
+    # batch's shared memory from that worker makes torch fail with an EOFError instead.
+    it = iter(torch.utils.data.DataLoader(dataset, num_workers=1, **kw))
+    try:
+        with pytest.raises(RuntimeError) as err:
+            for _ in it:
+                pass
+    finally:
+        # Unregister the dead worker from torch's SIGCHLD handler, which would otherwise
+        # raise this error again at any later child's exit in this process.
+        it._shutdown_workers()
+    exc, texts = err.value, []
+    while exc is not None:
+        texts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    del err
+    for text in texts:
+        if re.match(r"DataLoader worker \(pid \d+\)", text):
+            return text
+    raise AssertionError(f"torch's error names no worker pid: {texts}")
+
+
+def first_sentence_for(torch_text: str, pid: int) -> str:
+    """torch's sentence with ``pid``, up to its first period (torch goes on, for an exit
+    code, with "Details are lost due to multiprocessing", which nostall does not say)."""
+    text = re.sub(r"\(pid \d+\)", f"(pid {pid})", torch_text)
+    return text if "killed by signal" in text else text[: text.index(".") + 1]
+
+
+def attempts(log) -> list[int]:
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["SIGSEGV", "SIGBUS", "exit"])
+def test_poison_batch_fails_after_two_attempts_with_torchs_sentence(tmp_path, how):
+    """A batch that crashes its worker every time: nostall tries it twice (in two
+    workers), not once per restart allowed, and its error starts with the sentence
+    torch's loader prints for the same death, then names the batch's sample indices."""
+    torch_text = torch_death_sentence(DiesAt(64, bad=1, how=how, log=str(tmp_path / "torch")), batch_size=4)
+    log = tmp_path / "nostall"
+    loader = nostall.DataLoader(DiesAt(64, bad=21, how=how, log=str(log)), batch_size=4, num_workers=2,
+                                max_worker_restarts=100)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError) as err:
+        warnings.simplefilter("always")
+        for _ in loader:
+            pass
+    text = str(err.value)
+    tried = attempts(log)
+    assert len(tried) == 2, f"batch attempted {len(tried)} times: {tried}"
+    assert text.startswith(first_sentence_for(torch_text, tried[-1])), (torch_text, text)
+    assert "batch 5 of epoch 0 (sample indices [20, 21, 22, 23])" in text
+    assert f"(pid {tried[0]})" in text  # the earlier death is named too
+    assert "poison batch" in text and "num_workers=0" in text
+    restarts = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
+                and "started a new worker" in str(w.message)]
+    assert len(restarts) == 1 and "It was making batch 5 of epoch 0" in restarts[0], restarts
+    assert loader.worker_pids() == []  # closed
+    assert not wait_gone(tried, 3.0)
+
+
+@pytest.mark.timeout(60)
+def test_iterable_dataset_worker_death_starts_with_torchs_sentence(tmp_path):
+    """An iterable dataset's stream cannot move to a new worker: the first death ends
+    the epoch, with torch's sentence first."""
+    torch_text = torch_death_sentence(DiesAtStream(64, bad=1, how="SIGSEGV", log=str(tmp_path / "t")),
+                                      batch_size=4)
+    log = tmp_path / "nostall"
+    loader = nostall.DataLoader(DiesAtStream(64, bad=9, how="SIGSEGV", log=str(log)), batch_size=4, num_workers=1)
+    with pytest.raises(RuntimeError) as err:
+        for _ in loader:
+            pass
+    tried = attempts(log)
+    assert len(tried) == 1
+    assert str(err.value).startswith(first_sentence_for(torch_text, tried[0])), str(err.value)
+    assert "batch 2 of epoch 0" in str(err.value)
+    assert "iterable dataset's stream cannot be resumed" in str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_batch_that_hangs_every_time_stops_after_two_attempts(tmp_path):
+    """on_hang='restart' does not loop forever on a sample that never finishes."""
+    log = tmp_path / "attempts"
+    loader = nostall.DataLoader(HangsAlways(32, bad=6, log=str(log)), batch_size=4, num_workers=2,
+                                hang_timeout=1, max_worker_restarts=100)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError) as err:
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in loader:
+            pass
+    text = str(err.value)
+    assert len(attempts(log)) == 2
+    assert text.startswith("nostall: nostall worker"), text  # no death sentence: nostall stopped it
+    assert "hung on batch 1 of epoch 0" in text and "sample indices [4, 5, 6, 7]" in text
+    assert "poison batch" in text
+
+
+@pytest.mark.timeout(60)
+def test_sporadic_kills_are_repaired_and_batches_match_torch():
+    """Workers SIGKILLed from outside (not by their batch) are replaced under the default
+    settings; every sample is delivered exactly once in torch's order, and every batch
+    is identical to an undisturbed run's (nostall seeds each batch, not each worker)."""
+    dataset = RandomValues(96)
+    kw = dict(batch_size=4, shuffle=True, num_workers=2)
+    torch_loader = torch.utils.data.DataLoader(dataset, generator=_gen(), **kw)
+    order = [[b["i"].tolist() for b in torch_loader] for _ in range(3)]
+    with nostall.DataLoader(dataset, generator=_gen(), **kw) as loader:
+        expected = run_epochs(loader, 3)
+    got = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with nostall.DataLoader(dataset, generator=_gen(), **kw) as loader:
+            kills, due = 0, 2
+            for epoch in range(3):
+                batches = []
+                for i, batch in enumerate(loader):
+                    batches.append(batch)
+                    # Three kills in the first two epochs, 7 batches apart, each once the
+                    # previous death was noticed (until then worker_pids() may list the
+                    # dead worker; a killed process takes a moment to end). The third
+                    # epoch notices the last one.
+                    if epoch * 24 + i >= due and kills < 3 and len(loader.stats.restarts) == kills:
+                        os.kill(loader.worker_pids()[kills % 2], signal.SIGKILL)
+                        kills, due = kills + 1, epoch * 24 + i + 7
+                got.append(batches)
+            restarts = loader.stats.restarts
+    assert [[b["i"].tolist() for b in epoch] for epoch in got] == order
+    assert_same_epochs(expected, got)
+    assert kills == 3 and len(restarts) == 3, restarts
+    assert all("was killed by SIGKILL" in r for r in restarts)
+    assert not any("poison" in str(w.message) for w in caught)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)

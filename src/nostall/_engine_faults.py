@@ -13,7 +13,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-from . import _diagnose, _limits, _transport
+from . import _diagnose, _limits, _supervise, _transport
 from ._pool import WorkerExit
 from ._worker import PipeOnly
 
@@ -60,8 +60,13 @@ class FaultHandling:
 
     def _replace(self, worker_id: int, exit: WorkerExit) -> None:
         """A worker process is gone: start another in its place and send its batches
-        again (per-batch seeding makes them identical), or give up and raise."""
+        again (per-batch seeding makes them identical), or give up and raise: when the
+        batch it was making had already ended a worker (a poison batch), when too many
+        workers died, or for an iterable dataset (its stream cannot move to a new worker)."""
         held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
+        # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
+        making = held[0][1] if held else None
+        head = "" if worker_id in self.supervisor.hung else _supervise.torch_death_text(exit)
         cause = self.supervisor.death_cause(worker_id, exit)
         _diagnose.forget_stack_file(exit.pid)
         shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
@@ -69,12 +74,18 @@ class FaultHandling:
             cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
             self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
                                f"({self._shm_text()})")
+        what = self._describe_task(making) if making is not None and making.wanted else None
+        if what is not None:
+            earlier = self.supervisor.strike((making.plan.serial, making.batch_no), cause)
+            if len(earlier) + 1 >= _supervise.POISON_STRIKES:
+                self.close()
+                raise RuntimeError(self.supervisor.poisoned(head, cause, what, earlier))
         # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
         excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
         if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
-                cause, [t.indices for _, t in held if t.wanted], self.planner.iterable))
+                head, cause, what, [t.indices for _, t in held if t.wanted], self.planner.iterable))
         self.pool.restart(worker_id)
         if self._pipe_only:
             self.pool.submit(worker_id, PipeOnly(self._pipe_only))
@@ -87,13 +98,22 @@ class FaultHandling:
             if task.wanted:
                 self._submit(self._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
                 again += 1
+        making_text = (f" It was making {what}; if that batch ends a worker again, the loader stops "
+                       "and names it." if what else "")
         warnings.warn(
-            f"{cause}. nostall started a new worker in its place (restart {len(self.supervisor.restarts)} of "
-            f"at most {self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the "
-            "epoch goes on with the same batches.",
+            f"{cause}.{making_text} nostall started a new worker in its place (restart "
+            f"{len(self.supervisor.restarts)} of at most {self.config.max_restarts}) and sent its {again} "
+            "unfinished batch(es) again; the epoch goes on with the same batches.",
             RuntimeWarning,
             stacklevel=2,
         )
+
+    def _describe_task(self, task: _InFlight) -> str:
+        """``"batch 5 of epoch 0 (sample indices [20, 21, 22, 23])"`` (no indices for an iterable dataset)."""
+        what = f"batch {task.batch_no} of epoch {task.plan.number}"
+        if not self.planner.iterable:
+            what += f" (sample indices {task.indices})"
+        return what
 
     def _waiting_on(self) -> str:
         """For a timeout: ``", waiting for batch 3 of epoch 0 (sample indices [..]) from worker 0 (pid 12)"``."""
@@ -104,9 +124,7 @@ class FaultHandling:
         if self.config.in_order:
             mine = [t for t in mine if t.batch_no == self._deliver_no] or mine
         task = min(mine, key=lambda t: t.batch_no)
-        what = f"batch {task.batch_no} of epoch {plan.number}"
-        if not self.planner.iterable:
-            what += f" (sample indices {task.indices})"
+        what = self._describe_task(task)
         pid = self.pool.pids.get(task.worker_id)
         return f", waiting for {what} from worker {task.worker_id}" + (f" (pid {pid})" if pid else "")
 

@@ -107,8 +107,11 @@ class ProcessPool:
 
     def submit(self, worker_id: int, msg) -> None:
         """Send a task (or an attribute update, a dict) to one worker."""
+        conn = self._conns.get(worker_id)
+        if conn is None:
+            return  # gone and reported; restart() gives the id a new worker
         try:
-            self._conns[worker_id].send(msg)
+            conn.send(msg)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the worker is gone; poll() reports it with its exit status
 
@@ -164,10 +167,17 @@ class ProcessPool:
     def _exit_of(self, worker_id: int) -> WorkerExit:
         # The factory reports the exit status just after the pipe closes; wait briefly.
         deadline = time.monotonic() + 1.0
-        while worker_id not in self._exits and time.monotonic() < deadline:
+        while not self._exit_known(worker_id) and time.monotonic() < deadline:
             if not self._read_control(timeout=0.05) and not self._factory.is_alive():
                 break
-        return self._exits.get(worker_id, WorkerExit(worker_id, self.pids.get(worker_id), None))
+        if self._exit_known(worker_id):
+            return self._exits.pop(worker_id)
+        return WorkerExit(worker_id, self.pids.get(worker_id), None)
+
+    def _exit_known(self, worker_id: int) -> bool:
+        # The exit of this worker id's current process, not of one it replaced.
+        exit, pid = self._exits.get(worker_id), self.pids.get(worker_id)
+        return exit is not None and (pid is None or exit.pid == pid)
 
     def restart(self, worker_id: int) -> None:
         """Start a new worker under ``worker_id`` in place of one that is gone."""

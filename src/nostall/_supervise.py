@@ -8,6 +8,7 @@ happened, where (worker, pid, sample indices) and what to do.
 
 from __future__ import annotations
 
+import signal
 import statistics
 from dataclasses import dataclass, field
 
@@ -17,6 +18,27 @@ from ._config import PoolConfig
 AUTO_HANG_FLOOR_S = 30.0  # an automatic threshold never goes below this
 AUTO_HANG_FACTOR = 20.0  # ... and is this many median batches
 AUTO_HANG_UNKNOWN_S = 120.0  # before any batch finished (first batches may open files, warm caches)
+
+
+POISON_STRIKES = 2  # a batch whose worker died this many times while making it is not tried again
+
+
+def torch_death_text(exit) -> str:
+    """torch's sentence for a dead worker (built in C++ from strsignal), so code and log
+    alerts written for torch's DataLoader match nostall's error too."""
+    if exit.exitcode is not None and exit.exitcode < 0:
+        try:
+            name = signal.strsignal(-exit.exitcode) or f"Unknown signal {-exit.exitcode}"
+        except ValueError:
+            name = f"Unknown signal {-exit.exitcode}"
+        text = f"DataLoader worker (pid {exit.pid}) is killed by signal: {name}. "
+        if -exit.exitcode == signal.SIGBUS:
+            text += ("It is possible that dataloader's workers are out of shared memory. "
+                     "Please try to raise your shared memory limit. ")
+        return text
+    if exit.exitcode is not None:
+        return f"DataLoader worker (pid {exit.pid}) exited unexpectedly with exit code {exit.exitcode}. "
+    return f"DataLoader worker (pid {exit.pid}) exited unexpectedly. "
 
 
 class SkippedTooMany(RuntimeError):
@@ -35,6 +57,7 @@ class Supervisor:
     skipped: list = field(default_factory=list)  # (epoch, batch, index, error)
     _skip_counts: dict = field(default_factory=dict)  # plan serial -> samples skipped
     excused: int = 0  # deaths not counted against max_restarts
+    strikes: dict = field(default_factory=dict)  # (plan serial, batch_no) -> causes of deaths while making it
 
     def pool_started(self) -> None:
         """Note the OOM killer's count now, to tell later whether it fired."""
@@ -59,17 +82,36 @@ class Supervisor:
             self.excused += 1
         return len(self.restarts) - self.excused <= self.config.max_restarts
 
-    def gave_up(self, cause: str, held: list, iterable: bool) -> str:
-        """The error when a worker cannot be replaced."""
+    def strike(self, key: tuple, cause: str) -> list:
+        """Record that a worker died (or hung) while making batch ``key``; return the
+        causes of that batch's earlier deaths."""
+        earlier = self.strikes.setdefault(key, [])
+        before = list(earlier)
+        earlier.append(cause)
+        return before
+
+    def poisoned(self, head: str, cause: str, what: str, earlier: list) -> str:
+        """The error for a batch that ended its worker every time it was made."""
+        before = "; ".join(earlier)
+        return (f"{head}nostall: {cause} while making {what}, and that batch had already ended a worker "
+                f"before ({before}). A batch that ends its worker every time it is made (a poison batch: "
+                "e.g. a segfault in a decoder, or a sample that never finishes) is not tried again; the "
+                "loader was closed. Find the sample: load those indices with num_workers=0 (a crash "
+                "then shows where it happens), fix or leave it out, and iterate again on a new loader.")
+
+    def gave_up(self, head: str, cause: str, what: str | None, held: list, iterable: bool) -> str:
+        """The error when a worker cannot be replaced: ``head`` is torch's sentence (empty
+        for a worker nostall stopped), ``what`` the batch it was making."""
         if iterable:
             why = ("An iterable dataset's stream cannot be resumed in a new worker, so the epoch "
                    "cannot complete.")
         else:
             why = (f"That is {len(self.restarts) - self.excused} worker failures, more than max_worker_restarts="
                    f"{self.config.max_restarts}.")
+        making = f" while making {what}" if what else ""
         detail = f" It held the batches with sample indices {held}." if held and not iterable else ""
-        return (f"{cause}.{detail} {why} The loader was closed; fix the cause (memory limit, a crash "
-                "in a C extension, os._exit or an endless loop in dataset code) or raise "
+        return (f"{head}nostall: {cause}{making}.{detail} {why} The loader was closed; fix the cause (memory "
+                "limit, a crash in a C extension, os._exit or an endless loop in dataset code) or raise "
                 "max_worker_restarts, and iterate again on a new loader.")
 
     # -- hangs -------------------------------------------------------------------
