@@ -444,3 +444,14 @@ class HangsAlways(Indexed):
             append_line(self.log, str(os.getpid()))
             spin_forever()
         return super().__getitem__(i)
+
+
+class TensorStream(IterableDataset):
+    """Yields ``n`` tensors of ``numel`` float32 values (sample i is all i)."""
+
+    def __init__(self, n: int, numel: int):
+        self.n, self.numel = n, numel
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.full((self.numel,), float(i))

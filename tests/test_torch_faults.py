@@ -305,3 +305,81 @@ def test_sporadic_kills_are_repaired_and_batches_match_torch():
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- open files
+
+KEEPS_BATCHES = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.utils.data
+    import nostall
+    from datasets import TensorStream
+
+    if __name__ == "__main__":
+        impl, numel = sys.argv[1], int(sys.argv[2])
+        cls = torch.utils.data.DataLoader if impl == "torch" else nostall.DataLoader
+        kept = []
+        try:
+            for batch in cls(TensorStream(3000, numel), batch_size=1, num_workers=1):
+                kept.append(batch)  # a loop that keeps every batch alive
+        finally:
+            print("KEPT", len(kept), flush=True)
+""")
+
+
+def run_with_open_files_limit(tmp_path, impl, numel, hard):
+    import resource
+
+    script = tmp_path / "keeps.py"
+    script.write_text(KEEPS_BATCHES)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, TESTS_DIR]))
+    try:
+        return subprocess.run([sys.executable, str(script), impl, str(numel)], capture_output=True, text=True,
+                              timeout=60, env=env, cwd=tmp_path,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{impl}: still running after 60 s with a hard limit of {hard} open files; "
+                             f"stderr:\n{exc.stderr}") from None
+
+
+TORCH_TOO_MANY_FILES = (
+    "RuntimeError: Too many open files. Communication with the workers is no longer possible. Please increase "
+    "the limit using `ulimit -n` in the shell or change the sharing strategy by calling "
+    "`torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning of your code"
+)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_open_files_limit_that_cannot_be_raised(tmp_path, impl):
+    """The issue's case: hard limit 100, 1 worker, small tensors, every batch kept.
+    Both loaders stop with a RuntimeError naming both ways out; torch after ~90
+    batches, nostall before starting (its estimate of what the process needs)."""
+    run = run_with_open_files_limit(tmp_path, impl, 4, 100)
+    assert run.returncode == 1, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: "), run.stderr[-3000:]
+    assert "`ulimit -n" in last and "`torch.multiprocessing.set_sharing_strategy('file_system')`" in last, last
+    if impl == "torch":
+        assert last == TORCH_TOO_MANY_FILES
+    else:
+        assert "the open-files limit is 100 (hard limit 100)" in last
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_running_out_of_open_files_while_loading_raises_torchs_error(tmp_path, impl):
+    """Tensors large enough to travel through shared memory (320 KB) each hold a file
+    while alive: with every batch kept, the process runs out after ~190 batches. nostall
+    says exactly what torch says (not multiprocessing's "received 0 items of ancdata"),
+    then which files and what to do."""
+    run = run_with_open_files_limit(tmp_path, impl, 80_000, 200)
+    assert run.returncode == 1, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    kept = int(run.stdout.split()[-1])
+    assert 150 < kept < 200, run.stdout
+    assert last.startswith(TORCH_TOO_MANY_FILES), last
+    if impl == "nostall":
+        assert "its limit is 200 (hard limit 200)" in last and "`t.clone()`" in last
+        assert "ancdata" not in run.stderr

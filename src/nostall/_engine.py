@@ -242,7 +242,13 @@ class Engine(Resuming, FaultHandling, Tuning):
         if plan.waiting_since is None:
             plan.waiting_since = time.monotonic()
         wait = 1.0 if timeout is None else min(1.0, max(0.0, plan.waiting_since + timeout - time.monotonic()))
-        arrived = self.pool.poll(wait)
+        try:
+            arrived = self.pool.poll(wait)
+        except (OSError, RuntimeError) as exc:
+            if not _limits.out_of_open_files(exc):
+                raise
+            self.close()
+            raise RuntimeError(_limits.too_many_open_files_text(_transport.INLINE_BYTES)) from None
         now = time.monotonic()
         self._polled += self.pool.blocked
         if arrived or self.pool.poll_progressed:
