@@ -383,3 +383,53 @@ def test_running_out_of_open_files_while_loading_raises_torchs_error(tmp_path, i
     if impl == "nostall":
         assert "its limit is 200 (hard limit 200)" in last and "`t.clone()`" in last
         assert "ancdata" not in run.stderr
+
+
+RANKS = textwrap.dedent("""
+    import os, sys, time
+    import psutil
+    import torch.multiprocessing
+    import nostall
+    from datasets import Sleepy
+
+
+    def rank_main(rank, out_dir):
+        loader = nostall.DataLoader(Sleepy(10**6, 0.01), batch_size=4, num_workers=2)
+        it = iter(loader)
+        loader.worker_pids()
+        pids = [p.pid for p in psutil.Process().children(recursive=True)
+                if "resource_tracker" not in " ".join(p.cmdline())]
+        with open(os.path.join(out_dir, f"pids.{rank}"), "w") as f:
+            f.write(" ".join(map(str, pids)))
+        if rank == 0:
+            while not os.path.exists(os.path.join(out_dir, "pids.1")):
+                time.sleep(0.05)
+            raise ValueError("rank 0 fails")
+        for batch in it:  # rank 1 trains on until torch's launcher ends it (SIGTERM)
+            pass
+
+
+    if __name__ == "__main__":
+        try:
+            torch.multiprocessing.spawn(rank_main, args=(sys.argv[1],), nprocs=2)
+        except Exception as exc:
+            print("SPAWN-RAISED", type(exc).__name__, str(exc).replace(chr(10), " | "), flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_rank_ended_by_torch_spawn_leaves_no_process(tmp_path):
+    """One rank fails; torch.multiprocessing.spawn ends the others with SIGTERM (no
+    cleanup runs in them). nostall's factory and workers of that rank end too (torch's
+    own workers are left running in this case, as seen on torch 2.13)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, TESTS_DIR]))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                         timeout=90, env=env, cwd=tmp_path)
+    assert "SPAWN-RAISED ProcessRaisedException" in run.stdout, run.stderr[-3000:]
+    assert "ValueError: rank 0 fails" in run.stdout + run.stderr
+    pids = [int(p) for rank in (0, 1) for p in (tmp_path / f"pids.{rank}").read_text().split()]
+    assert len(pids) >= 6  # per rank: the factory and two workers
+    left = wait_gone(pids, 5.0)
+    assert not left, f"processes {sorted(left)} outlived their rank"
