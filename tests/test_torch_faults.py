@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.utils.data
 from conftest import SRC_DIR, TESTS_DIR, assert_same_epochs, run_epochs, wait_gone
-from datasets import DiesAt, DiesAtStream, HangsAlways, RandomValues
+from datasets import DiesAt, DiesAtStream, HangsAlways, Indexed, RandomValues, exit_in_worker_init
 
 import nostall
 
@@ -433,3 +433,20 @@ def test_rank_ended_by_torch_spawn_leaves_no_process(tmp_path):
     assert len(pids) >= 6  # per rank: the factory and two workers
     left = wait_gone(pids, 5.0)
     assert not left, f"processes {sorted(left)} outlived their rank"
+
+
+@pytest.mark.timeout(60)
+def test_death_while_starting_is_not_blamed_on_a_batch(tmp_path):
+    """A worker that dies in worker_init_fn was making no batch: no batch is called a
+    poison batch; the error says the workers die while starting."""
+    torch_text = torch_death_sentence(Indexed(16), batch_size=4, worker_init_fn=exit_in_worker_init)
+    loader = nostall.DataLoader(Indexed(64), batch_size=4, num_workers=2, worker_init_fn=exit_in_worker_init)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError) as err:
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in loader:
+            pass
+    text = str(err.value)
+    pid = int(re.match(r"DataLoader worker \(pid (\d+)\)", text).group(1))
+    assert text.startswith(first_sentence_for(torch_text, pid)), (torch_text, text)
+    assert "exited with code 5 while starting, before its first batch (in worker_init_fn" in text
+    assert "poison" not in text and "sample indices" not in text

@@ -137,6 +137,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._tuned_cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
+        self._started: set = set()  # process workers that finished starting (see _engine_faults)
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -199,6 +200,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._sched = Scheduler(self._started_workers)
         self._tuned_cpu = (time.process_time(), 0.0)
         self._last_done = {}
+        self._started = set()
         self.supervisor.pool_started()
         self._start_dstate = object_state(self.spec.dataset)
         self._worker_dstate = {w: self._start_dstate for w in range(n)}
@@ -396,8 +398,11 @@ class Engine(Resuming, FaultHandling, Tuning):
         if result.kind == "died":
             self._replace(worker_id, result.payload)
             return
-        if result.task_id == -1:  # failed while starting: nothing can run
-            self.close()
+        if result.task_id < 0:
+            if result.kind == "ready":
+                self._started.add(worker_id)
+                return
+            self.close()  # failed while starting: nothing can run
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
         if result.reseeded and not self._reseed_warned:

@@ -64,10 +64,14 @@ class FaultHandling:
         batch it was making had already ended a worker (a poison batch), when too many
         workers died, or for an iterable dataset (its stream cannot move to a new worker)."""
         held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
+        started = worker_id in self._started  # it had said "ready": it died making a batch
+        self._started.discard(worker_id)
         # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
-        making = held[0][1] if held else None
+        making = held[0][1] if held and started else None
         head = "" if worker_id in self.supervisor.hung else _supervise.torch_death_text(exit)
         cause = self.supervisor.death_cause(worker_id, exit)
+        if not started:
+            cause += " while starting, before its first batch (in worker_init_fn or earlier)"
         _diagnose.forget_stack_file(exit.pid)
         shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
         if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
@@ -85,7 +89,7 @@ class FaultHandling:
         if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
-                head, cause, what, [t.indices for _, t in held if t.wanted], self.planner.iterable))
+                head, cause, what, [t.indices for _, t in held if t.wanted and started], self.planner.iterable))
         self.pool.restart(worker_id)
         if self._pipe_only:
             self.pool.submit(worker_id, PipeOnly(self._pipe_only))
