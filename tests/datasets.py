@@ -460,3 +460,19 @@ class TensorStream(IterableDataset):
 def exit_in_worker_init(worker_id: int) -> None:
     """A worker_init_fn that ends its process, as a crashing library initialisation would."""
     os._exit(5)
+
+
+class DiesOnceAt(Indexed):
+    """Every sample ``i`` with ``i % every == 0`` ends its worker process the first time it
+    is fetched (a file in ``flags`` remembers it), then loads normally."""
+
+    def __init__(self, n: int, every: int, flags: str):
+        super().__init__(n)
+        self.every, self.flags = every, flags
+
+    def __getitem__(self, i):
+        flag = os.path.join(self.flags, f"died-{i}")
+        if i % self.every == 0 and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(7)
+        return super().__getitem__(i)

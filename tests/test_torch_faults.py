@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.utils.data
 from conftest import SRC_DIR, TESTS_DIR, assert_same_epochs, run_epochs, wait_gone
-from datasets import DiesAt, DiesAtStream, HangsAlways, Indexed, RandomValues, exit_in_worker_init
+from datasets import DiesAt, DiesAtStream, DiesOnceAt, HangsAlways, Indexed, RandomValues, exit_in_worker_init
 
 import nostall
 
@@ -270,7 +270,7 @@ def test_batch_that_hangs_every_time_stops_after_two_attempts(tmp_path):
 @pytest.mark.timeout(60)
 def test_sporadic_kills_are_repaired_and_batches_match_torch():
     """Workers SIGKILLed from outside (not by their batch) are replaced under the default
-    settings; every sample is delivered exactly once in torch's order, and every batch
+    settings, as often as they die while batches are delivered; every sample is delivered exactly once in torch's order, and every batch
     is identical to an undisturbed run's (nostall seeds each batch, not each worker)."""
     dataset = RandomValues(96)
     kw = dict(batch_size=4, shuffle=True, num_workers=2)
@@ -287,18 +287,19 @@ def test_sporadic_kills_are_repaired_and_batches_match_torch():
                 batches = []
                 for i, batch in enumerate(loader):
                     batches.append(batch)
-                    # Three kills in the first two epochs, 7 batches apart, each once the
-                    # previous death was noticed (until then worker_pids() may list the
-                    # dead worker; a killed process takes a moment to end). The third
-                    # epoch notices the last one.
-                    if epoch * 24 + i >= due and kills < 3 and len(loader.stats.restarts) == kills:
+                    # Five kills in the first two epochs, 7 batches apart (more than the
+                    # default max_worker_restarts=3: batches are delivered in between), each
+                    # once the previous death was noticed (until then worker_pids() may
+                    # list the dead worker; a killed process takes a moment to end). The
+                    # third epoch notices the last one.
+                    if epoch * 24 + i >= due and kills < 5 and len(loader.stats.restarts) == kills:
                         os.kill(loader.worker_pids()[kills % 2], signal.SIGKILL)
                         kills, due = kills + 1, epoch * 24 + i + 7
                 got.append(batches)
             restarts = loader.stats.restarts
     assert [[b["i"].tolist() for b in epoch] for epoch in got] == order
     assert_same_epochs(expected, got)
-    assert kills == 3 and len(restarts) == 3, restarts
+    assert kills == 5 and len(restarts) == 5, restarts
     assert all("was killed by SIGKILL" in r for r in restarts)
     assert not any("poison" in str(w.message) for w in caught)
 
@@ -450,3 +451,18 @@ def test_death_while_starting_is_not_blamed_on_a_batch(tmp_path):
     assert text.startswith(first_sentence_for(torch_text, pid)), (torch_text, text)
     assert "exited with code 5 while starting, before its first batch (in worker_init_fn" in text
     assert "poison" not in text and "sample indices" not in text
+
+
+@pytest.mark.timeout(60)
+def test_restarts_are_unlimited_while_batches_are_delivered(tmp_path):
+    """Every batch ends its worker once (12 deaths) with max_worker_restarts=1: a batch
+    is delivered between any two deaths, so the epoch completes, as torch's batches."""
+    expected = [b.tolist() for b in torch.utils.data.DataLoader(Indexed(48), batch_size=4)]
+    dataset = DiesOnceAt(48, every=4, flags=str(tmp_path))
+    with warnings.catch_warnings(), nostall.DataLoader(dataset, batch_size=4, num_workers=1,
+                                                       max_worker_restarts=1) as loader:
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = [b.tolist() for b in loader]
+        restarts = loader.stats.restarts
+    assert got == expected
+    assert len(restarts) == 12, restarts

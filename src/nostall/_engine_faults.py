@@ -86,7 +86,7 @@ class FaultHandling:
                 raise RuntimeError(self.supervisor.poisoned(head, cause, what, earlier))
         # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
         excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
-        if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
+        if not self.supervisor.may_restart(cause, excused, self.worker_log.deliveries) or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
                 head, cause, what, [t.indices for _, t in held if t.wanted and started], self.planner.iterable))
@@ -104,10 +104,12 @@ class FaultHandling:
                 again += 1
         making_text = (f" It was making {what}; if that batch ends a worker again, the loader stops "
                        "and names it." if what else "")
+        sup = self.supervisor
         warnings.warn(
-            f"{cause}.{making_text} nostall started a new worker in its place (restart "
-            f"{len(self.supervisor.restarts)} of at most {self.config.max_restarts}) and sent its {again} "
-            "unfinished batch(es) again; the epoch goes on with the same batches.",
+            f"{cause}.{making_text} nostall started a new worker in its place (restart {len(sup.restarts)}; "
+            f"{sup.in_a_row} of at most max_worker_restarts={self.config.max_restarts} in a row without a "
+            f"delivered batch) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
+            "same batches.",
             RuntimeWarning,
             stacklevel=2,
         )

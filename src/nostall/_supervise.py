@@ -57,6 +57,8 @@ class Supervisor:
     skipped: list = field(default_factory=list)  # (epoch, batch, index, error)
     _skip_counts: dict = field(default_factory=dict)  # plan serial -> samples skipped
     excused: int = 0  # deaths not counted against max_restarts
+    in_a_row: int = 0  # failures since a batch was last delivered
+    _delivered_at_failure: int = -1  # batches delivered when the last failure was counted
     strikes: dict = field(default_factory=dict)  # (plan serial, batch_no) -> causes of deaths while making it
 
     def pool_started(self) -> None:
@@ -73,14 +75,22 @@ class Supervisor:
             cause += ". " + _diagnose.oom_evidence(self.oom_baseline)
         return cause
 
-    def may_restart(self, cause: str, excused: bool = False) -> bool:
-        """Record a restart; False when more than ``max_restarts`` deaths were the
-        workers' own (up to one excused death per worker is not counted: a full
-        /dev/shm before nostall switched to pipes). Then the loader raises."""
+    def may_restart(self, cause: str, excused: bool = False, delivered: int = 0) -> bool:
+        """Record a restart; False when more than ``max_restarts`` workers failed in a row
+        with no batch delivered in between (``delivered``: batches delivered so far). A
+        run that keeps delivering batches restarts workers as often as they die: the
+        limit is for a loader that cannot make progress, not a budget for a long run.
+        Up to one death per worker from a full /dev/shm (before nostall switched to
+        pipes) is excused."""
         self.restarts.append(cause)
         if excused and self.excused < self.config.num_workers:
             self.excused += 1
-        return len(self.restarts) - self.excused <= self.config.max_restarts
+            return True
+        if delivered != self._delivered_at_failure:
+            self.in_a_row = 0
+        self._delivered_at_failure = delivered
+        self.in_a_row += 1
+        return self.in_a_row <= self.config.max_restarts
 
     def strike(self, key: tuple, cause: str) -> list:
         """Record that a worker died (or hung) while making batch ``key``; return the
@@ -106,8 +116,9 @@ class Supervisor:
             why = ("An iterable dataset's stream cannot be resumed in a new worker, so the epoch "
                    "cannot complete.")
         else:
-            why = (f"That is {len(self.restarts) - self.excused} worker failures, more than max_worker_restarts="
-                   f"{self.config.max_restarts}.")
+            why = (f"That is {self.in_a_row} worker failure{'s' if self.in_a_row != 1 else ''} in a row with no "
+                   "batch delivered in between, "
+                   f"more than max_worker_restarts={self.config.max_restarts}.")
         making = f" while making {what}" if what else ""
         detail = f" It held the batches with sample indices {held}." if held and not iterable else ""
         return (f"{head}nostall: {cause}{making}.{detail} {why} The loader was closed; fix the cause (memory "
