@@ -370,7 +370,10 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
     if failure is not None:
         conn.send_bytes(_transport.dumps(failure))
         return
-    conn.send_bytes(_transport.dumps(READY))  # a death from now on happened while making a batch
+    try:
+        conn.send_bytes(_transport.dumps(READY))  # a death from now on happened while making a batch
+    except OSError:
+        return  # the loader closed while this worker was starting
     inbox = _read_tasks_in_background(conn)
     while True:
         msg = inbox.get()
