@@ -227,7 +227,8 @@ def test_poison_batch_fails_after_two_attempts_with_torchs_sentence(tmp_path, ho
     assert "poison batch" in text and "num_workers=0" in text
     restarts = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
                 and "started a new worker" in str(w.message)]
-    assert len(restarts) == 1 and "It was making batch 5 of epoch 0" in restarts[0], restarts
+    assert len(restarts) == 1 and "while making batch 5 of epoch 0 (sample" in restarts[0], restarts
+    assert "If that batch ends a worker again, the loader stops" in restarts[0]
     assert loader.worker_pids() == []  # closed
     assert not wait_gone(tried, 3.0)
 

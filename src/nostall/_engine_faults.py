@@ -67,29 +67,31 @@ class FaultHandling:
         started = worker_id in self._started  # it had said "ready": it died making a batch
         self._started.discard(worker_id)
         # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
-        making = held[0][1] if held and started else None
-        head = "" if worker_id in self.supervisor.hung else _supervise.torch_death_text(exit)
-        cause = self.supervisor.death_cause(worker_id, exit)
-        if not started:
-            cause += " while starting, before its first batch (in worker_init_fn or earlier)"
+        making = held[0][1] if held and started and held[0][1].wanted else None
+        what = self._describe_task(making) if making is not None else None
+        hung = self.supervisor.hung.get(worker_id)
+        head = "" if hung else _supervise.torch_death_text(exit)
+        doing = (" while starting, before its first batch (in worker_init_fn or earlier)" if not started
+                 else f" while making {what}" if what else "")
+        short = hung or exit.describe()
+        cause = self.supervisor.death_cause(worker_id, exit, doing)
         _diagnose.forget_stack_file(exit.pid)
         shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
         if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
             cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
             self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
                                f"({self._shm_text()})")
-        what = self._describe_task(making) if making is not None and making.wanted else None
         if what is not None:
-            earlier = self.supervisor.strike((making.plan.serial, making.batch_no), cause)
+            earlier = self.supervisor.strike((making.plan.serial, making.batch_no), short)
             if len(earlier) + 1 >= _supervise.POISON_STRIKES:
                 self.close()
-                raise RuntimeError(self.supervisor.poisoned(head, cause, what, earlier))
+                raise RuntimeError(self.supervisor.poisoned(head, cause, earlier))
         # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
         excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
         if not self.supervisor.may_restart(cause, excused, self.worker_log.deliveries) or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
-                head, cause, what, [t.indices for _, t in held if t.wanted and started], self.planner.iterable))
+                head, cause, [t.indices for _, t in held if t.wanted and started], self.planner.iterable))
         self.pool.restart(worker_id)
         if self._pipe_only:
             self.pool.submit(worker_id, PipeOnly(self._pipe_only))
@@ -102,14 +104,12 @@ class FaultHandling:
             if task.wanted:
                 self._submit(self._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
                 again += 1
-        making_text = (f" It was making {what}; if that batch ends a worker again, the loader stops "
-                       "and names it." if what else "")
         sup = self.supervisor
         warnings.warn(
-            f"{cause}.{making_text} nostall started a new worker in its place (restart {len(sup.restarts)}; "
-            f"{sup.in_a_row} of at most max_worker_restarts={self.config.max_restarts} in a row without a "
-            f"delivered batch) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
-            "same batches.",
+            f"{cause.rstrip('.')}. nostall started a new worker in its place (restart {len(sup.restarts)}; "
+            f"{sup.in_a_row} failure(s) in a row with no batch delivered, at most max_worker_restarts="
+            f"{self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
+            "same batches." + (" If that batch ends a worker again, the loader stops and names it." if what else ""),
             RuntimeWarning,
             stacklevel=2,
         )

@@ -66,11 +66,12 @@ class Supervisor:
         self.oom_baseline = _diagnose.oom_kills()
 
     # -- deaths ------------------------------------------------------------------
-    def death_cause(self, worker_id: int, exit) -> str:
-        """Why a worker is gone, in words: killed by nostall after hanging, or its exit status."""
+    def death_cause(self, worker_id: int, exit, doing: str = "") -> str:
+        """Why a worker is gone, in words: killed by nostall after hanging, or its exit
+        status and ``doing`` (what it was doing: " while making batch ...")."""
         if worker_id in self.hung:
             return self.hung.pop(worker_id)
-        cause = exit.describe()
+        cause = exit.describe() + doing
         if exit.exitcode == -9:
             cause += ". " + _diagnose.oom_evidence(self.oom_baseline)
         return cause
@@ -100,30 +101,27 @@ class Supervisor:
         earlier.append(cause)
         return before
 
-    def poisoned(self, head: str, cause: str, what: str, earlier: list) -> str:
+    def poisoned(self, head: str, cause: str, earlier: list) -> str:
         """The error for a batch that ended its worker every time it was made."""
-        before = "; ".join(earlier)
-        return (f"{head}nostall: {cause} while making {what}, and that batch had already ended a worker "
-                f"before ({before}). A batch that ends its worker every time it is made (a poison batch: "
-                "e.g. a segfault in a decoder, or a sample that never finishes) is not tried again; the "
-                "loader was closed. Find the sample: load those indices with num_workers=0 (a crash "
+        return (f"{head}nostall: {cause.rstrip('.')}. That batch had already ended a worker before "
+                f"({'; '.join(earlier)}). A batch that ends its worker every time it is made (a poison "
+                "batch: e.g. a segfault in a decoder, or a sample that never finishes) is not tried again; "
+                "the loader was closed. Find the sample: load those indices with num_workers=0 (a crash "
                 "then shows where it happens), fix or leave it out, and iterate again on a new loader.")
 
-    def gave_up(self, head: str, cause: str, what: str | None, held: list, iterable: bool) -> str:
+    def gave_up(self, head: str, cause: str, held: list, iterable: bool) -> str:
         """The error when a worker cannot be replaced: ``head`` is torch's sentence (empty
-        for a worker nostall stopped), ``what`` the batch it was making."""
+        for a worker nostall stopped)."""
         if iterable:
             why = ("An iterable dataset's stream cannot be resumed in a new worker, so the epoch "
                    "cannot complete.")
         else:
             why = (f"That is {self.in_a_row} worker failure{'s' if self.in_a_row != 1 else ''} in a row with no "
-                   "batch delivered in between, "
-                   f"more than max_worker_restarts={self.config.max_restarts}.")
-        making = f" while making {what}" if what else ""
+                   f"batch delivered in between, more than max_worker_restarts={self.config.max_restarts}.")
         detail = f" It held the batches with sample indices {held}." if held and not iterable else ""
-        return (f"{head}nostall: {cause}{making}.{detail} {why} The loader was closed; fix the cause (memory "
-                "limit, a crash in a C extension, os._exit or an endless loop in dataset code) or raise "
-                "max_worker_restarts, and iterate again on a new loader.")
+        return (f"{head}nostall: {cause.rstrip('.')}.{detail} {why} The loader was closed; fix the cause "
+                "(memory limit, a crash in a C extension, os._exit or an endless loop in dataset code) or "
+                "raise max_worker_restarts, and iterate again on a new loader.")
 
     # -- hangs -------------------------------------------------------------------
     def hang_threshold(self, costs: list[float]) -> tuple[float, str]:
