@@ -11,6 +11,7 @@ import collections
 import math
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -394,3 +395,84 @@ def draw_without_seeding(worker_id: int) -> None:
     torch.rand(10)
     np.random.rand(1000)
     [random.random() for _ in range(1000)]
+def end_this_process(how: str) -> None:
+    """Die as a crashing C extension would: ``how`` is a signal name or "exit" (os._exit(3))."""
+    if how == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), getattr(signal, how))
+    time.sleep(60)  # a blocked or ignored signal: never return a sample
+
+
+class DiesAt(Indexed):
+    """Sample ``bad`` ends its worker process every time (never use with num_workers=0);
+    each attempt first appends the worker's pid to ``log``."""
+
+    def __init__(self, n: int, bad: int, how: str, log: str):
+        super().__init__(n)
+        self.bad, self.how, self.log = bad, how, log
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            append_line(self.log, str(os.getpid()))
+            end_this_process(self.how)
+        return super().__getitem__(i)
+
+
+class DiesAtStream(IterableDataset):
+    """Yields 0..n-1 in one worker's stream and ends its process at ``bad``."""
+
+    def __init__(self, n: int, bad: int, how: str, log: str):
+        self.n, self.bad, self.how, self.log = n, bad, how, log
+
+    def __iter__(self):
+        for i in range(self.n):
+            if i == self.bad:
+                append_line(self.log, str(os.getpid()))
+                end_this_process(self.how)
+            yield i
+
+
+class HangsAlways(Indexed):
+    """Sample ``bad`` never finishes (each attempt appends the worker's pid to ``log``)."""
+
+    def __init__(self, n: int, bad: int, log: str):
+        super().__init__(n)
+        self.bad, self.log = bad, log
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            append_line(self.log, str(os.getpid()))
+            spin_forever()
+        return super().__getitem__(i)
+
+
+class TensorStream(IterableDataset):
+    """Yields ``n`` tensors of ``numel`` float32 values (sample i is all i)."""
+
+    def __init__(self, n: int, numel: int):
+        self.n, self.numel = n, numel
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.full((self.numel,), float(i))
+
+
+def exit_in_worker_init(worker_id: int) -> None:
+    """A worker_init_fn that ends its process, as a crashing library initialisation would."""
+    os._exit(5)
+
+
+class DiesOnceAt(Indexed):
+    """Every sample ``i`` with ``i % every == 0`` ends its worker process the first time it
+    is fetched (a file in ``flags`` remembers it), then loads normally."""
+
+    def __init__(self, n: int, every: int, flags: str):
+        super().__init__(n)
+        self.every, self.flags = every, flags
+
+    def __getitem__(self, i):
+        flag = os.path.join(self.flags, f"died-{i}")
+        if i % self.every == 0 and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(7)
+        return super().__getitem__(i)

@@ -20,7 +20,9 @@ class PoolConfig:
     covers batches prepared ahead for the next epoch.
 
     Supervision: a worker process that dies is replaced and its batches made again,
-    up to ``max_restarts`` times over the loader's life. A batch that takes longer
+    as often as needed while batches keep being delivered; the loader raises when a
+    batch ended its worker twice (a poison batch) or after more than ``max_restarts``
+    failures in a row with no batch delivered in between. A batch that takes longer
     than ``hang_timeout`` seconds (None: 20 times the median batch, at least 30 s)
     is reported with the worker's stack; then the worker is restarted or the
     loader raises (``on_hang``). A sample whose ``__getitem__`` raises is raised in

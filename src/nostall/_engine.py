@@ -139,6 +139,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._tuned_cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
+        self._started: set = set()  # process workers that finished starting (see _engine_faults)
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -201,6 +202,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._sched = Scheduler(self._started_workers)
         self._tuned_cpu = (time.process_time(), 0.0)
         self._last_done = {}
+        self._started = set()
         self.supervisor.pool_started()
         self._start_dstate = object_state(self.spec.dataset)
         self._worker_dstate = {w: self._start_dstate for w in range(n)}
@@ -217,6 +219,7 @@ class Engine(Resuming, FaultHandling, Tuning):
             return self._next_inline(plan)
         called = time.monotonic() if self.tuner is not None else 0.0
         self._polled = 0.0  # seconds this call spent waiting for workers (for the tuner)
+        plan.waiting_since = None  # torch's `timeout` counts from when this call starts waiting
         while True:
             result = self._take_ready(plan)
             if result is not None:
@@ -243,16 +246,23 @@ class Engine(Resuming, FaultHandling, Tuning):
         if plan.waiting_since is None:
             plan.waiting_since = time.monotonic()
         wait = 1.0 if timeout is None else min(1.0, max(0.0, plan.waiting_since + timeout - time.monotonic()))
-        arrived = self.pool.poll(wait)
+        try:
+            arrived = self.pool.poll(wait)
+        except (OSError, RuntimeError) as exc:
+            if not _limits.out_of_open_files(exc):
+                raise
+            self.close()
+            raise RuntimeError(_limits.too_many_open_files_text(_transport.INLINE_BYTES)) from None
         now = time.monotonic()
         self._polled += self.pool.blocked
         if arrived or self.pool.poll_progressed:
             plan.waiting_since = now
         elif timeout is not None and now - plan.waiting_since >= timeout:
-            raise RuntimeError(
-                f"DataLoader timed out after {self.config.timeout} seconds: no batch arrived "
-                f"from {self.config.num_workers} workers (`timeout` argument). A worker may be "
-                "stuck in the dataset's __getitem__; raise `timeout` or find the slow sample."
+            raise RuntimeError(  # torch's sentence first: code and alerts written for torch match
+                f"DataLoader timed out after {self.config.timeout} seconds. nostall: no batch arrived "
+                f"from its {len(self._sched.load)} workers for {now - plan.waiting_since:.1f} s "
+                f"(`timeout={self.config.timeout}`){self._waiting_on()}. A sample may be stuck in the "
+                "dataset's __getitem__ or be slower than `timeout`: raise `timeout` or find the slow sample."
             )
         return arrived
 
@@ -390,8 +400,11 @@ class Engine(Resuming, FaultHandling, Tuning):
         if result.kind == "died":
             self._replace(worker_id, result.payload)
             return
-        if result.task_id == -1:  # failed while starting: nothing can run
-            self.close()
+        if result.task_id < 0:
+            if result.kind == "ready":
+                self._started.add(worker_id)
+                return
+            self.close()  # failed while starting: nothing can run
             result.payload.reraise()
         task = self._inflight.pop(result.task_id)
         if result.reseeded and not self._reseed_warned:

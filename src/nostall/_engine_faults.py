@@ -13,7 +13,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-from . import _diagnose, _limits, _transport
+from . import _diagnose, _limits, _supervise, _transport
 from ._pool import WorkerExit
 from ._worker import PipeOnly
 
@@ -60,21 +60,38 @@ class FaultHandling:
 
     def _replace(self, worker_id: int, exit: WorkerExit) -> None:
         """A worker process is gone: start another in its place and send its batches
-        again (per-batch seeding makes them identical), or give up and raise."""
+        again (per-batch seeding makes them identical), or give up and raise: when the
+        batch it was making had already ended a worker (a poison batch), when too many
+        workers died, or for an iterable dataset (its stream cannot move to a new worker)."""
         held = sorted((tid, t) for tid, t in self._inflight.items() if t.worker_id == worker_id)
-        cause = self.supervisor.death_cause(worker_id, exit)
+        started = worker_id in self._started  # it had said "ready": it died making a batch
+        self._started.discard(worker_id)
+        # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
+        making = held[0][1] if held and started and held[0][1].wanted else None
+        what = self._describe_task(making) if making is not None else None
+        hung = self.supervisor.hung.get(worker_id)
+        head = "" if hung else _supervise.torch_death_text(exit)
+        doing = (" while starting, before its first batch (in worker_init_fn or earlier)" if not started
+                 else f" while making {what}" if what else "")
+        short = hung or exit.describe()
+        cause = self.supervisor.death_cause(worker_id, exit, doing)
         _diagnose.forget_stack_file(exit.pid)
         shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
         if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
             cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
             self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
                                f"({self._shm_text()})")
+        if what is not None:
+            earlier = self.supervisor.strike((making.plan.serial, making.batch_no), short)
+            if len(earlier) + 1 >= _supervise.POISON_STRIKES:
+                self.close()
+                raise RuntimeError(self.supervisor.poisoned(head, cause, earlier))
         # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
         excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
-        if not self.supervisor.may_restart(cause, excused) or self.planner.iterable:
+        if not self.supervisor.may_restart(cause, excused, self.worker_log.deliveries) or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
-                cause, [t.indices for _, t in held if t.wanted], self.planner.iterable))
+                head, cause, [t.indices for _, t in held if t.wanted and started], self.planner.iterable))
         self.pool.restart(worker_id)
         if self._pipe_only:
             self.pool.submit(worker_id, PipeOnly(self._pipe_only))
@@ -87,13 +104,35 @@ class FaultHandling:
             if task.wanted:
                 self._submit(self._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
                 again += 1
+        sup = self.supervisor
         warnings.warn(
-            f"{cause}. nostall started a new worker in its place (restart {len(self.supervisor.restarts)} of "
-            f"at most {self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the "
-            "epoch goes on with the same batches.",
+            f"{cause.rstrip('.')}. nostall started a new worker in its place (restart {len(sup.restarts)}; "
+            f"{sup.in_a_row} failure(s) in a row with no batch delivered, at most max_worker_restarts="
+            f"{self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
+            "same batches." + (" If that batch ends a worker again, the loader stops and names it." if what else ""),
             RuntimeWarning,
             stacklevel=2,
         )
+
+    def _describe_task(self, task: _InFlight) -> str:
+        """``"batch 5 of epoch 0 (sample indices [20, 21, 22, 23])"`` (no indices for an iterable dataset)."""
+        what = f"batch {task.batch_no} of epoch {task.plan.number}"
+        if not self.planner.iterable:
+            what += f" (sample indices {task.indices})"
+        return what
+
+    def _waiting_on(self) -> str:
+        """For a timeout: ``", waiting for batch 3 of epoch 0 (sample indices [..]) from worker 0 (pid 12)"``."""
+        plan = self._current
+        mine = [t for t in self._inflight.values() if t.plan is plan and t.wanted]
+        if not mine:
+            return ""
+        if self.config.in_order:
+            mine = [t for t in mine if t.batch_no == self._deliver_no] or mine
+        task = min(mine, key=lambda t: t.batch_no)
+        what = self._describe_task(task)
+        pid = self.pool.pids.get(task.worker_id)
+        return f", waiting for {what} from worker {task.worker_id}" + (f" (pid {pid})" if pid else "")
 
     def _check_hangs(self) -> None:
         """Report a batch that has run far longer than its peers, with its worker's

@@ -93,7 +93,9 @@ class DataLoader(tud.DataLoader[_T_co]):
     about a microsecond per batch, and ``stats=False`` turns it off.
 
     Supervision (process workers): a worker that dies is replaced and its batches
-    made again, identical, up to ``max_worker_restarts`` times; a batch slower than
+    made again, identical, as long as batches keep being delivered; the loader raises
+    when one batch ended its worker twice (naming its sample indices) or after more
+    than ``max_worker_restarts`` failures in a row with no batch delivered; a batch slower than
     ``hang_timeout`` seconds (default: 20 times the median batch, at least 30 s) is
     reported with the worker's Python stack, then the worker is restarted or the
     loader raises (``on_hang="restart"|"raise"``). ``on_sample_error="skip"`` leaves
@@ -203,7 +205,7 @@ class DataLoader(tud.DataLoader[_T_co]):
             persistent=bool(persistent_workers),
             worker_type=worker_type,
             start_method=ctx.get_start_method(),
-            timeout=float(timeout),
+            timeout=timeout,  # as given: torch's timeout error prints it as given
             in_order=bool(in_order),
             pin_memory=bool(pin_memory),
             max_restarts=max_worker_restarts,

@@ -15,8 +15,9 @@ import queue
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from multiprocessing import connection, reduction
+from multiprocessing import connection, reduction, util
 
 from . import _diagnose, _pickling, _transport, _worker, _zygote
 
@@ -82,6 +83,10 @@ class ProcessPool:
             )
             raise
         child.close()
+        # multiprocessing's exit handler joins every non-daemonic child, the factory
+        # included, and in a multiprocessing child (torch.multiprocessing.spawn) it is
+        # the only cleanup that runs: close the pool first, or that join never ends.
+        self._at_exit = util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
         self._conns: dict[int, connection.Connection] = {}
         self._worker_of: dict[connection.Connection, int] = {}
         self.pids: dict[int, int] = {}
@@ -104,8 +109,11 @@ class ProcessPool:
 
     def submit(self, worker_id: int, msg) -> None:
         """Send a task (or an attribute update, a dict) to one worker."""
+        conn = self._conns.get(worker_id)
+        if conn is None:
+            return  # gone and reported; restart() gives the id a new worker
         try:
-            self._conns[worker_id].send(msg)
+            conn.send(msg)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the worker is gone; poll() reports it with its exit status
 
@@ -161,10 +169,17 @@ class ProcessPool:
     def _exit_of(self, worker_id: int) -> WorkerExit:
         # The factory reports the exit status just after the pipe closes; wait briefly.
         deadline = time.monotonic() + 1.0
-        while worker_id not in self._exits and time.monotonic() < deadline:
+        while not self._exit_known(worker_id) and time.monotonic() < deadline:
             if not self._read_control(timeout=0.05) and not self._factory.is_alive():
                 break
-        return self._exits.get(worker_id, WorkerExit(worker_id, self.pids.get(worker_id), None))
+        if self._exit_known(worker_id):
+            return self._exits.pop(worker_id)
+        return WorkerExit(worker_id, self.pids.get(worker_id), None)
+
+    def _exit_known(self, worker_id: int) -> bool:
+        # The exit of this worker id's current process, not of one it replaced.
+        exit, pid = self._exits.get(worker_id), self.pids.get(worker_id)
+        return exit is not None and (pid is None or exit.pid == pid)
 
     def restart(self, worker_id: int) -> None:
         """Start a new worker under ``worker_id`` in place of one that is gone."""
@@ -202,6 +217,7 @@ class ProcessPool:
         if self._closed:
             return
         self._closed = True
+        self._at_exit.cancel()
         for conn in self._conns.values():
             conn.close()  # workers see the end of their pipe and return; never blocks
         self._conns.clear()
@@ -218,6 +234,13 @@ class ProcessPool:
         self._factory.close()
         for pid in self.pids.values():  # killed workers could not remove theirs
             _diagnose.forget_stack_file(pid)
+
+
+def _close_at_exit(pool_ref) -> None:
+    # Finalize runs this only in the process that made the pool (it checks the pid).
+    pool = pool_ref()
+    if pool is not None:
+        pool.close()
 
 
 class ThreadPool:

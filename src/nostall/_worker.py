@@ -96,6 +96,8 @@ class Result(NamedTuple):
     reseeded: frozenset = frozenset()  # global RNGs worker_init_fn seeded (first result of a worker)
 
 
+READY = Result("ready", -2, None)  # a process worker has started (worker_init_fn returned)
+
 _WATCHED_BATCHES = 8  # batches per worker checked for global-RNG draws (worker_type="auto")
 
 
@@ -372,6 +374,10 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
     if failure is not None:
         conn.send_bytes(_transport.dumps(failure))
         return
+    try:
+        conn.send_bytes(_transport.dumps(READY))  # a death from now on happened while making a batch
+    except OSError:
+        return  # the loader closed while this worker was starting
     inbox = _read_tasks_in_background(conn)
     while True:
         msg = inbox.get()
