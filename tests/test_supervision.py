@@ -179,11 +179,16 @@ def test_raising_sample_keeps_type_traceback_and_index(kw):
     with pytest.raises(ValueError) as err:
         list(loader)
     text = str(err.value)
-    assert "sample 13 is corrupt" in text
-    assert "batch 3 of epoch 0, sample index 13" in text
-    assert "Traceback" in text and "in __getitem__" in text
-    if kw["num_workers"]:
+    if kw["num_workers"]:  # torch's wrapper wording, the worker's traceback, then nostall's detail
+        assert "sample 13 is corrupt" in text
+        assert "batch 3 of epoch 0, sample index 13" in text
+        assert "Traceback" in text and "in __getitem__" in text
         assert "worker" in text
+    else:  # in the main process torch raises the dataset's exception as is; the detail is a note
+        assert text == "sample 13 is corrupt"
+        assert any(entry.name == "__getitem__" for entry in err.traceback)
+        if hasattr(err.value, "add_note"):
+            assert "batch 3 of epoch 0, sample index 13" in "".join(err.value.__notes__)
     loader.close()
 
 

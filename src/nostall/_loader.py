@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 import torch.utils.data as tud
 
-from . import _autotune, _resume
+from . import _autotune, _compat, _resume
 from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
                          sync_dataset)
 from ._config import PoolConfig
@@ -339,10 +339,12 @@ class DataLoader(tud.DataLoader[_T_co]):
             )
         plan = self._engine.begin_epoch()
         next_fn = functools.partial(self._engine.next_batch, plan)
+        if self._dataset_kind == 1 and self._IterableDataset_len_called is not None:
+            next_fn = _warn_past_len(next_fn, self._IterableDataset_len_called, self.dataset, self.num_workers)
         if self._recorder is None:
-            return _EpochIterator(next_fn, self._epoch_len)
+            return _EpochIterator(next_fn, self._epoch_len, self._engine)
         self._recorder.begin(called, _clock())
-        return MeasuredIterator(next_fn, self._recorder, self._epoch_len)
+        return MeasuredIterator(next_fn, self._recorder, self._epoch_len, self._engine)
 
     def _get_iterator(self):
         return iter(self)
@@ -417,14 +419,42 @@ def _release(engine: Engine, recorder: Recorder | None) -> None:
         recorder.close()
 
 
+def _warn_past_len(next_fn, length: int, dataset, num_workers: int):
+    """``next_fn`` warning as torch does once an iterable dataset yields more than the
+    ``len(loader)`` read before ``iter()`` (wrapped only then: no cost otherwise)."""
+    yielded = 0
+
+    def counted():
+        nonlocal yielded
+        batch = next_fn()
+        yielded += 1
+        if yielded > length:
+            msg = (f"Length of IterableDataset {dataset} was reported to be {length} (when accessing "
+                   f"len(dataloader)), but {yielded} samples have been fetched. ")
+            if num_workers > 0:
+                msg += ("For multiprocessing data-loading, this could be caused by not properly configuring "
+                        "the IterableDataset replica at each worker. Please see "
+                        "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset for examples.")
+            warnings.warn(msg, stacklevel=3)
+        return batch
+
+    return counted
+
+
 class _EpochIterator:
     """The iterator of one epoch when statistics are off."""
 
-    __slots__ = ("_next", "_len_fn", "__weakref__")
+    __slots__ = ("_next", "_len_fn", "_engine", "__weakref__")
 
-    def __init__(self, next_fn, len_fn):
+    def __init__(self, next_fn, len_fn, engine=None):
         self._next = next_fn
         self._len_fn = len_fn
+        self._engine = engine
+
+    @property
+    def _workers(self) -> list:
+        """torch's private ``_workers``, for code that reads it (see ``_compat``)."""
+        return _compat.worker_processes(self._engine)
 
     def __iter__(self):
         return self

@@ -239,12 +239,21 @@ class Recorder:
 class MeasuredIterator:
     """An epoch's iterator that times each ``next()`` into a :class:`Recorder`."""
 
-    __slots__ = ("_next", "_rec", "_len_fn", "__weakref__")
+    __slots__ = ("_next", "_rec", "_len_fn", "_engine", "__weakref__")
 
-    def __init__(self, next_fn: Callable[[], Any], recorder: Recorder, len_fn: Callable[[], int]) -> None:
+    def __init__(self, next_fn: Callable[[], Any], recorder: Recorder, len_fn: Callable[[], int],
+                 engine: Any = None) -> None:
         self._next = next_fn
         self._rec = recorder
         self._len_fn = len_fn
+        self._engine = engine
+
+    @property
+    def _workers(self) -> list:
+        """torch's private ``_workers``, for code that reads it (see ``_compat``)."""
+        from ._compat import worker_processes
+
+        return worker_processes(self._engine)
 
     def __iter__(self) -> MeasuredIterator:
         return self

@@ -10,6 +10,7 @@ import copy
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -171,8 +172,7 @@ class BatchMaker:
             data = self._fetch_map(task.indices, current)
             return ("empty", None) if data is _EMPTY else ("ok", data)
         except Exception:
-            where = self._where(task, current[0])
-            return "error", torch._utils.ExceptionWrapper(where=where)
+            return "error", caught(self.worker_id, self._where(task, current[0]))
         finally:
             _seeding._end_batch()
             if watched is not None:
@@ -276,19 +276,51 @@ class BatchMaker:
         except Exception:
             who = "the main process" if self.worker_id is None else f"worker {self.worker_id} (pid {os.getpid()})"
             what = "loading the saved dataset state" if msg.state is not None else f"skipping {msg.skip} samples"
-            self._resume_error = torch._utils.ExceptionWrapper(
-                where=f"in nostall {who} while {what} to resume epoch {msg.epoch}")
+            self._resume_error = caught(self.worker_id, f"in nostall {who} while {what} to resume epoch {msg.epoch}")
 
     def _where(self, task: Task, index) -> str:
-        who = "the main process" if self.worker_id is None else f"worker {self.worker_id} (pid {os.getpid()})"
+        who = "the main process" if self.worker_id is None else f"nostall worker {self.worker_id} (pid {os.getpid()})"
         what = f"batch {task.batch_no} of epoch {task.epoch}"
         if not self.spec.iterable:
             label = "sample index" if not isinstance(index, list) else "sample indices"
             what += f", {label} {index}"
-        return f"in nostall {who} while making {what}"
+        return f"in {who} while making {what}"
 
 
 _EMPTY = object()  # every sample of the batch was skipped
+
+
+class InlineError:
+    """An error raised while loading in the main process (``num_workers=0``).
+
+    Re-raised as the original exception object, as torch does, so its type, message
+    and traceback are the user's; nostall's details ride along as a note (Python 3.11+).
+    """
+
+    def __init__(self, exc: BaseException, detail: str):
+        self.exc = exc
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"Raised {detail}.")
+
+    def reraise(self):
+        raise self.exc
+
+
+def caught(worker_id: int | None, detail: str):
+    """The exception being handled, packed to be raised in the loader's process like torch's.
+
+    Workers: a ``torch._utils.ExceptionWrapper`` whose message starts as torch's
+    ("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ...") so code
+    and log alerts written for torch keep matching; nostall's ``detail`` (pid, batch,
+    epoch, sample indices) follows the original traceback. Main process: the original
+    exception itself (:class:`InlineError`).
+    """
+    if worker_id is None:
+        return InlineError(sys.exc_info()[1], detail)
+    kind = "process" if threading.current_thread() is threading.main_thread() else "thread"
+    wrapper = torch._utils.ExceptionWrapper(where=f"in DataLoader worker {kind} {worker_id}")
+    wrapper.exc_msg = f"{wrapper.exc_msg.rstrip()}\nRaised {detail}."
+    return wrapper
 
 
 def _describe(exc: BaseException) -> str:
@@ -334,8 +366,7 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         return maker, None
     except Exception:
         who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
-        where = f"in nostall {who} while starting (worker_init_fn)"
-        return None, Result("error", -1, torch._utils.ExceptionWrapper(where=where))
+        return None, Result("error", -1, caught(worker_id, f"in nostall {who} while starting (worker_init_fn)"))
 
 
 def _read_tasks_in_background(conn) -> queue.SimpleQueue:
@@ -401,10 +432,8 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
         except (BrokenPipeError, ConnectionResetError, OSError):
             return
         except Exception:
-            wrapper = torch._utils.ExceptionWrapper(
-                where=f"in nostall worker {worker_id} (pid {os.getpid()}) while sending batch "
-                f"{msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)"
-            )
+            wrapper = caught(worker_id, f"in nostall worker {worker_id} (pid {os.getpid()}) while sending batch "
+                             f"{msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)")
             conn.send_bytes(_transport.dumps(Result("error", msg.task_id, wrapper)))
 
 
