@@ -328,9 +328,9 @@ class DataLoader(tud.DataLoader):
 
 
 def _release(engine: Engine, recorder: Recorder | None) -> None:
-    engine.close()
-    if recorder is not None:
+    if recorder is not None:  # first: its last memory sample still sees the workers
         recorder.close()
+    engine.close()
 
 
 class _EpochIterator:
