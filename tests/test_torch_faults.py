@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.utils.data
 from conftest import SRC_DIR, TESTS_DIR, assert_same_epochs, run_epochs, wait_gone
-from datasets import DiesAt, DiesAtStream, DiesOnceAt, HangsAlways, Indexed, RandomValues, exit_in_worker_init
+from toy_datasets import DiesAt, DiesAtStream, DiesOnceAt, HangsAlways, Indexed, RandomValues, exit_in_worker_init
 
 import nostall
 
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     import torch.utils.data
     import nostall
-    from datasets import Indexed, SlowSample
+    from toy_datasets import Indexed, SlowSample
 
 
     def descendants():
@@ -316,7 +316,7 @@ KEEPS_BATCHES = textwrap.dedent("""
     import torch
     import torch.utils.data
     import nostall
-    from datasets import TensorStream
+    from toy_datasets import TensorStream
 
     if __name__ == "__main__":
         impl, numel = sys.argv[1], int(sys.argv[2])
@@ -392,7 +392,7 @@ RANKS = textwrap.dedent("""
     import psutil
     import torch.multiprocessing
     import nostall
-    from datasets import Sleepy
+    from toy_datasets import Sleepy
 
 
     def rank_main(rank, out_dir):

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import impl_nw
-from datasets import Raises, SimpleIterable
+from toy_datasets import Raises, SimpleIterable
 
 
 class RaisesKeep(Dataset):

@@ -30,6 +30,7 @@ from ._distributed import local_cpu_budget
 from ._engine_faults import FaultHandling
 from ._engine_resume import Resuming
 from ._engine_tuning import Tuning
+from ._large_containers import find_large_containers
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool
 from ._resume import Streams
@@ -58,13 +59,13 @@ def _warn_reseeded(worker_id: int, reseeded: frozenset) -> None:
 
 
 def _warn_copy_on_read(dataset, num_workers: int) -> None:
-    """Once per process: point a dataset holding large Python containers to nostall.flat."""
+    """Once per process: point a dataset holding large Python containers to nostall.flat.
+    Costs a few milliseconds (200 elements of each large container are sized), paid
+    after the first batches were handed to the workers."""
     global _warned_copy_on_read
     if _warned_copy_on_read:
         return
-    from ._doctor import find_large_containers  # only when workers start: a few ms
-
-    large = [c for c in find_large_containers(dataset) if c.nbytes >= _COPY_ON_READ_WARN_BYTES]
+    large = [c for c in find_large_containers(dataset, sample=200) if c.nbytes >= _COPY_ON_READ_WARN_BYTES]
     if not large:
         return
     _warned_copy_on_read = True
@@ -77,7 +78,7 @@ def _warn_copy_on_read(dataset, num_workers: int) -> None:
         f"dataset's __init__: `self.{attr} = nostall.flat(self.{attr})`. (`nostall doctor --dataset ...` "
         "lists every such container.)",
         UserWarning,
-        stacklevel=5,
+        stacklevel=4,  # the user's iter(loader)
     )
 
 
@@ -140,6 +141,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
         self._started: set = set()  # process workers that finished starting (see _engine_faults)
+        self._ramp: int | None = None  # batches in flight until the pool's first answer (see _start_pool)
         self.closed = False
 
     # -- epochs -----------------------------------------------------------------
@@ -167,13 +169,19 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._epoch_samples = self.planner.epoch_samples()
         if self.worker_log is None:
             self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor)
+        started = False
         if self.config.num_workers == 0:
             if self._inline is None:
                 self._inline = BatchMaker(self.spec, self.planner.base_seed, None, seed_globals=True)
         elif self.pool is None:
             self._start_pool()
+            started = True
         if self.planner.iterable:
             self._begin_streams(plan, resume["streams"] if resume is not None else None)
+        if self.pool is not None:
+            self._fill()  # the workers start on this epoch now, as torch's iter() does
+        if started and self._kind != "thread":
+            _warn_copy_on_read(self.spec.dataset, self.config.num_workers)  # after: it takes a few ms
         return plan
 
     def _start_pool(self) -> None:
@@ -192,7 +200,6 @@ class Engine(Resuming, FaultHandling, Tuning):
             self.pool = ThreadPool(self.spec, n, seed, start)
         else:
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
-            _warn_copy_on_read(self.spec.dataset, n)
             self.pool = ProcessPool(self._ctx, self.spec, n, seed, start)
             if self._pipe_only:
                 for w in range(n):
@@ -200,6 +207,11 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._started_workers = n if start is None else start
         self.worker_log.started_workers = self._started_workers
         self._sched = Scheduler(self._started_workers)
+        # Until the first batch comes back, no more batches in flight than CPUs: workers
+        # that all start together on fewer cores all finish late (8 on 2 cores: 4x one
+        # batch). The rest start when it arrives; busy CPUs lose nothing meanwhile.
+        cpus = max(1, int(self._sched.cpus))
+        self._ramp = cpus if self._kind != "thread" and self._started_workers > cpus else None
         self._tuned_cpu = (time.process_time(), 0.0)
         self._last_done = {}
         self._started = set()
@@ -342,6 +354,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             window = self.config.window_for(self._batch_bytes)
         else:
             window = self.config.window_for(self._batch_bytes, tuner.workers, tuner.prefetch)
+        if self._ramp is not None:
+            window = min(window, self._ramp)
         while self._occupancy() < window:
             plan = self._current
             if plan.exhausted:
@@ -406,6 +420,7 @@ class Engine(Resuming, FaultHandling, Tuning):
                 return
             self.close()  # failed while starting: nothing can run
             result.payload.reraise()
+        self._ramp = None
         task = self._inflight.pop(result.task_id)
         if result.reseeded and not self._reseed_warned:
             self._reseed_warned = True

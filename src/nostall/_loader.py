@@ -414,9 +414,9 @@ class DataLoader(tud.DataLoader[_T_co]):
 
 
 def _release(engine: Engine, recorder: Recorder | None) -> None:
-    engine.close()
-    if recorder is not None:
+    if recorder is not None:  # first: its last memory sample still sees the workers
         recorder.close()
+    engine.close()
 
 
 def _warn_past_len(next_fn, length: int, dataset, num_workers: int):

@@ -15,6 +15,35 @@ from typing import Any
 _MB = 1024.0 * 1024.0
 
 
+def _children_file(pid: int, tid: str) -> str:
+    return f"/proc/{pid}/task/{tid}/children"
+
+
+def proc_descendants(pid: int) -> list[int] | None:
+    """Pids of every descendant of ``pid``, from ``/proc/<pid>/task/*/children``
+    (a few small reads; psutil's ``children(recursive=True)`` reads every process
+    on the machine). None where the kernel does not provide those files."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in tasks:
+            try:
+                with open(_children_file(parent, tid), "rb") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except FileNotFoundError:
+                if not os.path.exists(_children_file(os.getpid(), str(os.getpid()))):
+                    return None  # no CONFIG_PROC_CHILDREN
+                continue
+            except (OSError, ValueError):
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
 
 
 def _read_pss_kb(pid: int) -> int | None:
@@ -40,23 +69,30 @@ class ProcessTreeMemory:
     """
 
     def __init__(self, pid: int | None = None, interval_s: float = 0.05, budget: float = 0.02) -> None:
-        import psutil
-
-        self._psutil = psutil
         self.pid = os.getpid() if pid is None else pid
         self.interval_s = interval_s
         self.budget = budget
-        self.metric = "pss" if _read_pss_kb(self.pid) is not None else "rss"
+        # Whether PSS is readable, without reading it: a read walks the whole address space.
+        self.metric = "pss" if os.access(f"/proc/{self.pid}/smaps_rollup", os.R_OK) else "rss"
+        self._psutil = None  # imported only where /proc cannot answer (not Linux, RSS)
+        if self.metric == "rss" or proc_descendants(self.pid) is None:
+            import psutil
+
+            self._psutil = psutil
         self.peak_mb = 0.0
         self.last_mb = 0.0
         self.peak_processes = 0
         self.samples = 0
-        self._root = psutil.Process(self.pid)
+        self._root = self._psutil.Process(self.pid) if self._psutil is not None else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def _tree(self) -> list[Any]:
+        """The processes to count: pids (from /proc) or psutil processes."""
+        if self._psutil is None:
+            kids = proc_descendants(self.pid)
+            return [self.pid, *(kids or ())]
         try:
             return [self._root, *self._root.children(recursive=True)]
         except self._psutil.Error:
@@ -68,7 +104,7 @@ class ProcessTreeMemory:
         procs = self._tree()
         for proc in procs:
             if self.metric == "pss":
-                kb = _read_pss_kb(proc.pid)
+                kb = _read_pss_kb(proc if isinstance(proc, int) else proc.pid)
                 if kb is not None:
                     total_bytes += kb * 1024
             else:
@@ -86,20 +122,30 @@ class ProcessTreeMemory:
                 self.peak_processes = len(procs)
         return mb
 
-    def _run(self) -> None:
+    def _run(self, delay_s: float) -> None:
         # Sampling must not slow what it measures, more so with many processes.
-        wait = self.interval_s
+        wait = delay_s if delay_s > 0 else self.interval_s
         while not self._stop.wait(wait):
             started = time.perf_counter()
             self.sample()
             wait = max(self.interval_s, (time.perf_counter() - started) / self.budget)
 
-    def start(self) -> ProcessTreeMemory:
-        """Take a first sample and start sampling in a daemon thread."""
-        self.sample()
-        self._thread = threading.Thread(target=self._run, name="nostall-memory-sampler", daemon=True)
+    def start(self, delay_s: float = 0.0) -> ProcessTreeMemory:
+        """Take a first sample and start sampling in a daemon thread; with ``delay_s``,
+        take no sample now and the first one in the thread after ``delay_s`` seconds
+        (a loader's start: one sample of a large process costs tens of milliseconds and
+        holds its address space, which forking workers needs)."""
+        if delay_s <= 0:
+            self.sample()
+        self._thread = threading.Thread(target=self._run, args=(delay_s,), name="nostall-memory-sampler",
+                                        daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stop.is_set()
 
     def stop(self) -> float:
         """Stop the thread, take a last sample, return the peak (MiB)."""

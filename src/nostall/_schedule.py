@@ -40,7 +40,7 @@ class Scheduler:
         self._cpu_share: dict[int, float] = {}  # worker -> recent CPU seconds per second of batch
         self._free_at = {w: 0.0 for w in range(num_workers)}  # when its queue is expected to drain
         self._last_done: dict[int, float] = {}
-        self._cpus = usable_cpus().count if cpus is None else cpus
+        self.cpus = usable_cpus().count if cpus is None else cpus
         self.active = set(self.load)  # workers that get new batches (num_workers="auto" changes it)
         self._answers = 0
         self._next_check = 2 * num_workers
@@ -110,7 +110,7 @@ class Scheduler:
         if period <= 0.0 or len(self.active) != len(self.load) or any(
                 now - t > 1.5 * period for t in self._last_done.values()):
             return {}  # someone was idle (the loop is the bottleneck): phases do not matter
-        if sum(self._cpu_share.values()) < _SATURATED * self._cpus:
+        if sum(self._cpu_share.values()) < _SATURATED * self.cpus:
             return {}  # the workers mostly wait: idling one would cost throughput
         first = min(self._last_done.values())
         phase = {w: (t - first) % period for w, t in self._last_done.items()}

@@ -23,6 +23,7 @@ import torch
 
 try:
     import numpy as np
+    import numpy.random  # noqa: F401  (numpy imports it lazily: here once, not in every worker)
 except ImportError:  # numpy is a dependency, but keep the loader usable without it
     np = None
 

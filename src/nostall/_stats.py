@@ -29,6 +29,7 @@ from ._memory import ProcessTreeMemory
 
 _TIMELINE_LIMIT = 100_000  # batches kept for the trace: a few MB at most
 _clock = time.monotonic  # the clock worker processes stamp their batches with
+_MEMORY_FIRST_S = 1.0  # when the memory sampler takes its first sample (closing takes one too)
 
 log = logging.getLogger("nostall")
 
@@ -194,8 +195,8 @@ class Recorder:
                           self._start, complete)
 
     def _start_memory(self) -> None:
-        try:
-            self.memory = ProcessTreeMemory(interval_s=1.0, budget=0.005).start()
+        try:  # the first sample after a second: the loader is starting its workers now
+            self.memory = ProcessTreeMemory(interval_s=1.0, budget=0.005).start(delay_s=_MEMORY_FIRST_S)
         except Exception:  # no psutil or no /proc: memory is simply not reported
             self.memory = None
 
@@ -375,7 +376,11 @@ class LoaderStats:
     def peak_memory_mb(self) -> float | None:
         """Peak memory of this process and all its children, MiB (PSS where readable)."""
         memory = self._rec.memory
-        return memory.peak_mb if memory is not None else None
+        if memory is None:
+            return None
+        if memory.samples == 0 and not memory.stopped:  # read before the sampler's first sample
+            memory.sample()
+        return memory.peak_mb
 
     @property
     def memory_metric(self) -> str | None:
