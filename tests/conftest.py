@@ -42,6 +42,16 @@ for _p in (TESTS_DIR, SRC_DIR):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+# Every process a test starts runs tests/_site/sitecustomize.py (torchvision beside a CPU torch).
+_SITE_DIR = os.path.join(TESTS_DIR, "_site")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SITE_DIR, TESTS_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+if not any(type(f).__name__ == "_EnsureTorchvision" for f in sys.meta_path):  # this process started before it
+    import runpy  # noqa: E402
+
+    runpy.run_path(os.path.join(_SITE_DIR, "sitecustomize.py"))
+
 import toy_datasets as _datasets  # noqa: E402
 
 assert os.path.dirname(os.path.abspath(_datasets.__file__)) == TESTS_DIR, (
