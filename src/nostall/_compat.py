@@ -46,9 +46,7 @@ class WorkerProcess:
             return
         try:
             self._proc.wait(timeout)
-        except (psutil.TimeoutExpired, psutil.NoSuchProcess):
-            pass
-        except psutil.Error:  # not our child: psutil polls; a zombie left to the factory ends here
+        except psutil.Error:  # timed out, gone, or not our child (a zombie left to the factory)
             pass
 
     @property
