@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from . import _limits, _seeding, _transport
+from . import _datapipes, _limits, _seeding, _transport
 from ._autotune import AutoTuner, initial_workers
 from ._config import PoolConfig
 from ._distributed import local_cpu_budget
@@ -173,6 +173,8 @@ class Engine(Resuming, FaultHandling, Tuning):
         if self.config.num_workers == 0:
             if self._inline is None:
                 self._inline = BatchMaker(self.spec, self.planner.base_seed, None, seed_globals=True)
+                if self.spec.shards is not None:
+                    _datapipes.shard(self.spec.dataset, self.spec.shards, 0, None)
         elif self.pool is None:
             self._start_pool()
             started = True
@@ -288,7 +290,7 @@ class Engine(Resuming, FaultHandling, Tuning):
             if batch_no in plan.skip:
                 continue
             with _seeding.saved_global_rng():
-                result = self._inline.make(Task(-1, plan.number, batch_no, indices))
+                result = self._inline.make(Task(-1, plan.number, batch_no, indices, plan.stream_seed))
             if result.kind == "stop":
                 plan.exhausted = True
                 raise StopIteration
@@ -391,7 +393,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         now = time.monotonic()
         self._inflight[task_id] = _InFlight(plan, batch_no, worker_id, indices, now)
         self._sched.submitted(worker_id, now)
-        self.pool.submit(worker_id, Task(task_id, plan.number, batch_no, indices))
+        self.pool.submit(worker_id, Task(task_id, plan.number, batch_no, indices, plan.stream_seed))
 
     def _sync_dataset(self, worker_id: int, plan: EpochPlan) -> None:
         """Send the worker the dataset attributes it lacks for this plan (set_epoch & co;

@@ -146,9 +146,9 @@ class Resuming:
             if w in ended:
                 continue
             if state is not None and own_dataset:
-                msg = Resume(plan.number, state)
+                msg = Resume(plan.number, state, stream_seed=plan.stream_seed)
             else:
-                msg = Resume(plan.number, None, count * self.planner.samples_per_batch())
+                msg = Resume(plan.number, None, count * self.planner.samples_per_batch(), plan.stream_seed)
             if self._inline is not None:
                 self._inline.resume(msg)
                 continue

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 import torch.utils.data as tud
 
-from . import _autotune, _compat, _resume
+from . import _autotune, _compat, _datapipes, _resume
 from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
                          sync_dataset)
 from ._config import PoolConfig
@@ -271,6 +271,7 @@ class DataLoader(tud.DataLoader[_T_co]):
             worker_init_fn=self.worker_init_fn,
             skip_errors=cfg.on_sample_error == "skip",
             watch_globals=cfg.worker_type == "auto",
+            shards=_datapipes.world() if _datapipes.is_datapipe(self.dataset) else None,
         )
         engine = Engine(cfg, planner, spec, self._ctx, pin_device)
         if self._recorder is not None:

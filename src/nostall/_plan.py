@@ -58,13 +58,14 @@ import torch
 from torch.utils.data import (
     BatchSampler,
     DistributedSampler,
+    IterDataPipe,
     RandomSampler,
     SequentialSampler,
     SubsetRandomSampler,
     WeightedRandomSampler,
 )
 
-from . import _resume, _seeding
+from . import _datapipes, _resume, _seeding
 
 _PLAIN = (int, float, bool, str, bytes, type(None))
 
@@ -121,6 +122,7 @@ class EpochPlan:
     # by batch number; pruned as batches are delivered (see Engine._track_delivery).
     stateful: Any = None
     sampler_states: dict | None = None
+    stream_seed: int | None = None  # an IterDataPipe's shared seed for this epoch (see _datapipes)
 
     def forget_before(self, batch_no: int) -> None:
         """Drop the sampler states recorded before ``batch_no`` (no longer savable)."""
@@ -143,6 +145,7 @@ class Planner:
         self._builtin_random = isinstance(loader.sampler, RandomSampler) and getattr(
             loader, "_nostall_builtin_sampler", False
         )
+        self._pipe_seeds = _datapipes.SeedSource() if isinstance(loader.dataset, IterDataPipe) else None
         self.epoch = -1
         self._restored_global = None  # global RNG state to replay at the next begin() (resume)
         self._ahead: EpochPlan | None = None
@@ -217,6 +220,24 @@ class Planner:
             if number == 0:
                 self.base_seed = value
 
+    def _draw_seeds(self) -> int | None:
+        """Draw the epoch's seeds; for an IterDataPipe return its shared seed. A DataPipe's
+        epochs are not prepared ahead, so its draws follow torch's iterator exactly, even
+        from the global RNG: shared seed, base seed, and (a new iterator with workers) a
+        second shared seed torch leaves unused."""
+        if self._pipe_seeds is None:
+            self._draw_epoch_seed(self.epoch)
+            return None
+        generator = self._loader.generator
+        seed = self._pipe_seeds.draw(generator)
+        if self.epoch == 0 or self._redraw_each_epoch:
+            base = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+            if self.epoch == 0:
+                self.base_seed = base
+            if self._loader.num_workers > 0:
+                self._pipe_seeds.draw(generator)
+        return seed
+
     def _batches(self, index_sampler) -> Iterator[Any]:
         if self.iterable:
             return itertools.repeat(self._loader.batch_size)
@@ -274,10 +295,11 @@ class Planner:
         with _seeding.saved_global_rng() if restored is not None else contextlib.nullcontext():
             if restored is not None:
                 torch.set_rng_state(restored)
-            self._draw_epoch_seed(self.epoch)
+            stream_seed = self._draw_seeds()
             index_sampler = self._loader._index_sampler
             plan = self._track_sampler(
-                EpochPlan(self.epoch, state, self._batches(index_sampler), ahead=False, replay=replay),
+                EpochPlan(self.epoch, state, self._batches(index_sampler), ahead=False, replay=replay,
+                          stream_seed=stream_seed),
                 index_sampler)
             builtin_first = self.epoch == 0 and self._builtin_random and self._loader.generator is None
             if builtin_first or (restored is not None and not self.iterable):
@@ -314,7 +336,8 @@ class Planner:
         """What an epoch's order depends on, taken before the epoch draws anything."""
         sampler = self._loader._index_sampler
         draws = draws_global_rng(sampler)
-        if self.epoch == 0 and self._builtin_random and self._loader.generator is None:
+        if self._loader.generator is None and (
+                self._pipe_seeds is not None or (self.epoch == 0 and self._builtin_random)):
             draws = True
         return {"generators": [g.get_state() for g in self._all_generators()],
                 "global": torch.get_rng_state() if draws is not False else None}

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _diagnose, _resume, _seeding, _transport
+from . import _datapipes, _diagnose, _resume, _seeding, _transport
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class WorkSpec:
     worker_init_fn: Callable | None
     skip_errors: bool = False  # leave failing samples out of their batch instead of raising
     watch_globals: bool = False  # report batches that draw from the global RNGs (worker_type="auto")
+    shards: tuple[int, int] | None = None  # a DataPipe's (world size, rank): sharded as torch does
 
 
 class Task(NamedTuple):
@@ -46,6 +47,7 @@ class Task(NamedTuple):
     epoch: int
     batch_no: int
     indices: Any
+    stream_seed: int | None = None  # an IterDataPipe's shared seed for the epoch (see _datapipes)
 
 
 class Pause(NamedTuple):
@@ -69,6 +71,7 @@ class Resume(NamedTuple):
     epoch: int
     state: Any = None
     skip: int = 0
+    stream_seed: int | None = None
 
 
 class Result(NamedTuple):
@@ -251,6 +254,8 @@ class BatchMaker:
     def _fetch_iterable(self, task: Task):
         spec = self.spec
         if self._fetcher_epoch != task.epoch:
+            if task.stream_seed is not None:
+                _datapipes.reseed(self.dataset, task.stream_seed)
             self._fetcher = _IterableDatasetFetcher(
                 self.dataset, spec.auto_collation, self._collate, spec.drop_last
             )
@@ -264,6 +269,8 @@ class BatchMaker:
         """Begin epoch ``msg.epoch``'s stream where the saved run left it (see :class:`Resume`)."""
         spec = self.spec
         try:
+            if msg.stream_seed is not None:
+                _datapipes.reseed(self.dataset, msg.stream_seed)
             if msg.state is not None:
                 self.dataset.load_state_dict(msg.state)
             self._fetcher = _IterableDatasetFetcher(self.dataset, spec.auto_collation, self._collate, spec.drop_last)
@@ -355,6 +362,8 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         if not threaded:
             _seeding.seed_globals(seed)
         _install_worker_info(worker_id, num_workers, seed, spec.dataset, method)
+        if spec.shards is not None:  # before worker_init_fn, as torch's loader does
+            _datapipes.shard(spec.dataset, spec.shards, num_workers, worker_id)
         reseeded = frozenset()
         if spec.worker_init_fn is not None:
             before = None if threaded else _seeding.global_snapshot()
