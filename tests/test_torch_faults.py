@@ -467,3 +467,24 @@ def test_restarts_are_unlimited_while_batches_are_delivered(tmp_path):
         restarts = loader.stats.restarts
     assert got == expected
     assert len(restarts) == 12, restarts
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("impl", ["torch", "nostall"])
+def test_timeout_counts_only_the_wait_inside_next(impl):
+    """torch's `timeout` bounds each wait for a batch, from when next() starts waiting:
+    time the loop spends elsewhere (setup, a training step) does not count. Each batch
+    takes 3 s and the loop works 2 s before each next(), so no wait exceeds ~1 s."""
+    from toy_datasets import Sleepy
+
+    cls = torch.utils.data.DataLoader if impl == "torch" else nostall.DataLoader
+    loader = cls(Sleepy(2, delay=3.0), batch_size=1, num_workers=1, timeout=2.5,
+                 multiprocessing_context="fork")
+    it = iter(loader)  # the worker starts on batch 0 now
+    got = []
+    for _ in range(2):
+        time.sleep(2.0)  # the training step: with the clock started at iter(), batch 0 would time out
+        got.append(next(it).tolist())
+    assert got == [[0], [1]]
+    if impl == "nostall":
+        loader.close()
