@@ -81,14 +81,18 @@ class FaultHandling:
             cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"
             self._go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
                                f"({self._shm_text()})")
-        if what is not None:
+        if what is not None and exit.factory is None:  # a worker lost with its factory is no batch's fault
             earlier = self.supervisor.strike((making.plan.serial, making.batch_no), short)
             if len(earlier) + 1 >= _supervise.POISON_STRIKES:
                 self.close()
                 raise RuntimeError(self.supervisor.poisoned(head, cause, earlier))
         # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
         excused = bool(self._pipe_only) and exit.exitcode == -signal.SIGBUS
-        if not self.supervisor.may_restart(cause, excused, self.worker_log.deliveries) or self.planner.iterable:
+        if exit.factory is not None:
+            allowed = self.supervisor.lost_with_factory(exit.factory, cause, self.worker_log.deliveries)
+        else:
+            allowed = self.supervisor.may_restart(cause, excused, self.worker_log.deliveries)
+        if not allowed or self.planner.iterable:
             self.close()
             raise RuntimeError(self.supervisor.gave_up(
                 head, cause, [t.indices for _, t in held if t.wanted and started], self.planner.iterable))
@@ -106,7 +110,8 @@ class FaultHandling:
                 again += 1
         sup = self.supervisor
         warnings.warn(
-            f"{cause.rstrip('.')}. nostall started a new worker in its place (restart {len(sup.restarts)}; "
+            f"{cause.rstrip('.')}. nostall started a new worker in its place"
+            f"{' (and a new worker factory)' if exit.factory is not None else ''} (restart {len(sup.restarts)}; "
             f"{sup.in_a_row} failure(s) in a row with no batch delivered, at most max_worker_restarts="
             f"{self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
             "same batches." + (" If that batch ends a worker again, the loader stops and names it." if what else ""),

@@ -19,33 +19,63 @@ import weakref
 from dataclasses import dataclass
 from multiprocessing import connection, reduction, util
 
-from . import _diagnose, _pickling, _transport, _worker, _zygote
+from . import _diagnose, _limits, _pickling, _transport, _worker, _zygote
 
 
 @dataclass(frozen=True)
-class WorkerExit:
-    """How a worker process ended: ``exitcode`` is negative for a signal, None if unknown."""
+class FactoryExit:
+    """How a worker factory process ended (see ``_zygote``): ``number`` counts the
+    factories this pool lost (1 for the first), ``exitcode`` as in :class:`WorkerExit`."""
 
-    worker_id: int
+    number: int
     pid: int | None
     exitcode: int | None
 
     def describe(self) -> str:
-        if self.exitcode is None:
-            how = "exited (exit status unknown)"
-        elif self.exitcode < 0:
-            try:
-                name = signal.Signals(-self.exitcode).name
-            except ValueError:
-                name = f"signal {-self.exitcode}"
-            how = f"was killed by {name}"
-        else:
-            how = f"exited with code {self.exitcode}"
-        return f"nostall worker {self.worker_id} (pid {self.pid}) {how}"
+        return f"the nostall worker factory (pid {self.pid}) {_how(self.exitcode)}"
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker process ended: ``exitcode`` is negative for a signal, None if unknown.
+    ``factory`` is set for a worker that ended because its factory died (the kernel
+    kills a factory's workers with it)."""
+
+    worker_id: int
+    pid: int | None
+    exitcode: int | None
+    factory: FactoryExit | None = None
+
+    def describe(self, doing: str = "") -> str:
+        """``"nostall worker 0 (pid 12) was killed by SIGKILL"`` + ``doing`` (``" while making ..."``),
+        and why, for a worker that died with its factory."""
+        text = f"nostall worker {self.worker_id} (pid {self.pid}) {_how(self.exitcode)}{doing}"
+        if self.factory is not None:
+            text += f", because {self.factory.describe()} (a factory's workers die with it)"
+        return text
+
+
+def _how(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exited (exit status unknown)"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
 
 
 class ProcessPool:
-    """Worker processes forked from one factory process started with ``ctx``."""
+    """Worker processes forked from one factory process started with ``ctx``.
+
+    The factory is replaceable: when it dies (the out-of-memory killer picks large
+    processes, and it holds the dataset), its workers die with it; ``poll`` reports
+    each of them as died, and the next worker started brings up a new factory (a
+    new fork of this process, or a fresh interpreter sent the spec again). A factory
+    that ends by itself before it answered (it could not start: an unguarded main
+    script, a dataset that cannot be unpickled) raises instead: a new one would too."""
 
     passes_attrs = True  # workers hold their own copy of the dataset
     can_restart = True
@@ -63,18 +93,42 @@ class ProcessPool:
                 f"{method} and is importing the main script again, which builds and iterates a "
                 "DataLoader outside `if __name__ == \"__main__\":`. " + _diagnose.GUARD_FIX
             )
-        self._method = method
-        self._control, child = ctx.Pipe(duplex=True)
+        self._ctx, self._method = ctx, method
+        self._spec, self._base_seed = spec, base_seed
+        self._conns: dict[int, connection.Connection] = {}
+        self._worker_of: dict[connection.Connection, int] = {}
+        self.pids: dict[int, int] = {}
+        self._exits: dict[int, WorkerExit] = {}
+        self._lost: list = []  # (worker_id, Result) of workers that died with a factory, not yet polled
+        self.factory_exits: list[FactoryExit] = []  # factories this pool lost
+        self._factory = None  # None between a factory's death and the next worker start
+        self._closed = False
+        self._start_factory()
+        # multiprocessing's exit handler joins every non-daemonic child, the factory
+        # included, and in a multiprocessing child (torch.multiprocessing.spawn) it is
+        # the only cleanup that runs: close the pool first, or that join never ends.
+        self._at_exit = util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
+        for worker_id in range(num_workers if start is None else start):
+            self._start_worker(worker_id)
+
+    @property
+    def factory_pid(self) -> int | None:
+        """The running factory's pid (None after its death, until a worker is started)."""
+        return self._factory.pid if self._factory is not None else None
+
+    def _start_factory(self) -> None:
+        spec, method = self._spec, self._method
+        self._control, child = self._ctx.Pipe(duplex=True)
         kwargs = {"parent_end": self._control} if method == "fork" else {}
-        self._factory = ctx.Process(
+        factory = self._ctx.Process(
             target=_zygote.factory_main,
-            args=(child, num_workers, base_seed, spec),
+            args=(child, self.num_workers, self._base_seed, spec),
             kwargs=kwargs,
             name="nostall-factory",
             daemon=False,  # it forks the workers; daemonic processes may not have children
         )
         try:
-            self._factory.start()  # spawn/forkserver pickle the spec here, once
+            factory.start()  # spawn/forkserver pickle the spec here
         except Exception:
             child.close()
             self._control.close()
@@ -83,29 +137,29 @@ class ProcessPool:
             )
             raise
         child.close()
-        # multiprocessing's exit handler joins every non-daemonic child, the factory
-        # included, and in a multiprocessing child (torch.multiprocessing.spawn) it is
-        # the only cleanup that runs: close the pool first, or that join never ends.
-        self._at_exit = util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
-        self._conns: dict[int, connection.Connection] = {}
-        self._worker_of: dict[connection.Connection, int] = {}
-        self.pids: dict[int, int] = {}
-        self._exits: dict[int, WorkerExit] = {}
-        self._closed = False
-        for worker_id in range(num_workers if start is None else start):
-            self._start_worker(worker_id)
+        self._factory = factory
+        self._answered = False  # this factory has not said anything yet
+        # Its workers inherit its end of the control pipe, so a dead factory's pipe stays
+        # open while one of them lingers; a pidfd says when the process itself is gone.
+        self._factory_fd = _pidfd(factory.pid)
 
     def add(self, worker_id: int) -> None:
         """Start one more worker (num_workers="auto")."""
         self._start_worker(worker_id)
 
     def _start_worker(self, worker_id: int) -> None:
+        if self._factory is None:
+            self._start_factory()  # the last one died; its workers were reported as died
         mine, theirs = connection.Pipe(duplex=True)
-        self._control.send(("start", worker_id))
-        reduction.send_handle(self._control, theirs.fileno(), self._factory.pid)
-        theirs.close()
         self._conns[worker_id] = mine
         self._worker_of[mine] = worker_id
+        try:
+            self._control.send(("start", worker_id))
+            reduction.send_handle(self._control, theirs.fileno(), self._factory.pid)
+        except OSError:
+            pass  # the factory just died: poll() reads the end of its pipe and reports this worker
+        finally:
+            theirs.close()
 
     def submit(self, worker_id: int, msg) -> None:
         """Send a task (or an attribute update, a dict) to one worker."""
@@ -121,57 +175,115 @@ class ProcessPool:
         """Wait up to ``timeout`` seconds for results; return what has arrived.
         ``blocked`` is how long it waited for the first one (not reading it)."""
         started = time.monotonic()
-        ready = connection.wait([*self._conns.values(), self._control], timeout)
+        ready = connection.wait([*self._conns.values(), *self._factory_watch()], 0 if self._lost else timeout)
         self.blocked = time.monotonic() - started
         self.poll_progressed = bool(ready)
         out = []
-        for conn in ready:
-            if conn is self._control:
+        # Results first: a worker's last batches are still worth taking if its factory died.
+        for conn in sorted(ready, key=lambda c: not isinstance(c, connection.Connection) or c is self._control):
+            if conn is self._control or (isinstance(conn, int) and conn == self._factory_fd):
                 self._read_control()
                 continue
-            worker_id = self._worker_of[conn]
+            worker_id = self._worker_of.get(conn)
+            if worker_id is None:
+                continue  # dropped while reading this round: it died with its factory
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
-                out.append((worker_id, _worker.Result("died", -1, self._exit_of(worker_id))))
-                self._drop(worker_id)
+                exit = self._exit_of(worker_id)
+                if worker_id in self._conns:  # else it is in self._lost: its factory died
+                    out.append((worker_id, _worker.Result("died", -1, exit)))
+                    self._drop(worker_id)
                 continue
             out.append((worker_id, _transport.loads(data)))
+        if self._lost:
+            out.extend(self._lost)
+            self._lost = []
+            self.poll_progressed = True
         return out
 
+    def _factory_watch(self) -> list:
+        if self._factory is None:
+            return []
+        return [self._control] if self._factory_fd is None else [self._control, self._factory_fd]
+
     def _read_control(self, timeout: float = 0.0) -> bool:
-        if not self._control.poll(timeout):
+        """Handle one message from the factory, or its death; False if nothing came."""
+        if self._factory is None or not connection.wait(self._factory_watch(), timeout):
             return False
+        if not self._control.poll():  # only the pidfd: the factory is gone, its pipe is not closed
+            self._factory_died()
+            return True
         try:
             msg = self._control.recv()
         except (EOFError, OSError):
-            self._factory.join(1.0)
-            unguarded = _diagnose.unguarded_main_lines() if self._method != "fork" else None
-            if unguarded and not self.pids:
-                raise RuntimeError(
-                    f"the nostall worker factory (pid {self._factory.pid}) could not start under "
-                    f"{self._method}: it imports the main script again, and {unguarded}, outside "
-                    "`if __name__ == \"__main__\":`. " + _diagnose.GUARD_FIX
-                ) from None
-            raise RuntimeError(
-                f"the nostall worker factory (pid {self._factory.pid}) ended unexpectedly "
-                f"with exit code {self._factory.exitcode}; its workers are gone. This usually "
-                "means the process was killed (out of memory?), the dataset could not be "
-                "unpickled in a fresh interpreter, or, under spawn/forkserver, the script "
-                "lacks an `if __name__ == \"__main__\":` guard (see the error printed above)."
-            ) from None
+            self._factory_died()
+            return True
+        self._handle(msg)
+        return True
+
+    def _handle(self, msg) -> None:
+        self._answered = True
         if msg[0] == "started":
             self.pids[msg[1]] = msg[2]
         elif msg[0] == "exited":
             self._exits[msg[1]] = WorkerExit(msg[1], msg[2], msg[3])
-        return True
+
+    def _factory_died(self) -> None:
+        """The factory's end of the control pipe closed: it is gone, and so are its
+        workers (``_zygote.die_with_parent``). Raise if it never started; otherwise
+        report every worker as died and start a new factory with the next worker."""
+        factory, self._factory = self._factory, None
+        self._close_factory_fd()
+        try:  # what it said before it died (the pids of the workers it started)
+            while self._control.poll():
+                self._handle(self._control.recv())
+        except (EOFError, OSError):
+            pass
+        factory.join(5.0)  # reap it now: no zombie, and its exit code for the report
+        if not self._answered and (factory.exitcode is None or factory.exitcode >= 0):
+            # It ended by itself before saying anything: a new one would end the same way.
+            self._control.close()
+            unguarded = _diagnose.unguarded_main_lines() if self._method != "fork" else None
+            if unguarded:
+                raise RuntimeError(
+                    f"the nostall worker factory (pid {factory.pid}) could not start under "
+                    f"{self._method}: it imports the main script again, and {unguarded}, outside "
+                    "`if __name__ == \"__main__\":`. " + _diagnose.GUARD_FIX
+                ) from None
+            raise RuntimeError(
+                f"the nostall worker factory (pid {factory.pid}) ended unexpectedly "
+                f"with exit code {factory.exitcode} before it started any worker. This usually "
+                "means the dataset could not be unpickled in a fresh interpreter, or, under "
+                "spawn/forkserver, the script lacks an `if __name__ == \"__main__\":` guard "
+                "(see the error printed above)."
+            ) from None
+        lost = FactoryExit(len(self.factory_exits) + 1, factory.pid, factory.exitcode)
+        self.factory_exits.append(lost)
+        self._control.close()
+        if factory.exitcode is not None:
+            factory.close()
+        pids = []
+        for worker_id in sorted(self._conns):
+            pid = self.pids.get(worker_id)
+            pids.append(pid)
+            self._lost.append((worker_id, _worker.Result("died", -1, WorkerExit(
+                worker_id, pid, -signal.SIGKILL, lost))))  # the kernel's SIGKILL (PR_SET_PDEATHSIG)
+            self._drop(worker_id)  # closing its pipe ends it even where PDEATHSIG does not exist
+        _remove_stranded_shm_when_gone(pids)
+
+    def _close_factory_fd(self) -> None:
+        if self._factory_fd is not None:
+            os.close(self._factory_fd)
+            self._factory_fd = None
 
     def _exit_of(self, worker_id: int) -> WorkerExit:
         # The factory reports the exit status just after the pipe closes; wait briefly.
+        # If the factory itself is gone, reading its pipe reports the worker with it.
         deadline = time.monotonic() + 1.0
-        while not self._exit_known(worker_id) and time.monotonic() < deadline:
-            if not self._read_control(timeout=0.05) and not self._factory.is_alive():
-                break
+        while (worker_id in self._conns and self._factory is not None and not self._exit_known(worker_id)
+               and time.monotonic() < deadline):
+            self._read_control(timeout=0.05)
         if self._exit_known(worker_id):
             return self._exits.pop(worker_id)
         return WorkerExit(worker_id, self.pids.get(worker_id), None)
@@ -208,9 +320,9 @@ class ProcessPool:
     def wait_started(self, timeout: float = 30.0) -> dict:
         """Block until every worker's pid is known (for tests and diagnostics)."""
         deadline = time.monotonic() + timeout
-        while len(self.pids) < len(self._conns) and time.monotonic() < deadline:
+        while len(self.pids) < len(self._conns) and time.monotonic() < deadline and self._factory is not None:
             self._read_control(timeout=0.1)
-        return dict(self.pids)
+        return {w: pid for w, pid in self.pids.items() if w in self._conns}
 
     def close(self) -> None:
         """End every worker and the factory; returns within about a second."""
@@ -222,18 +334,54 @@ class ProcessPool:
             conn.close()  # workers see the end of their pipe and return; never blocks
         self._conns.clear()
         self._worker_of.clear()
-        try:
-            self._control.send(("stop",))
-        except OSError:
-            pass
-        self._factory.join(2.0)
-        if self._factory.is_alive():
-            self._factory.kill()
-            self._factory.join(1.0)
-        self._control.close()
-        self._factory.close()
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            self._close_factory_fd()
+            try:
+                self._control.send(("stop",))
+            except OSError:
+                pass
+            factory.join(2.0)
+            if factory.is_alive():
+                factory.kill()
+            factory.join(5.0)  # reaped: no zombie left (a SIGKILLed process ends at once)
+            self._control.close()
+            if factory.exitcode is not None:
+                factory.close()
         for pid in self.pids.values():  # killed workers could not remove theirs
             _diagnose.forget_stack_file(pid)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process ``pid`` ends (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _remove_stranded_shm_when_gone(pids: list, timeout: float = 2.0) -> None:
+    """Remove the /dev/shm files that workers lost with their factory were still
+    creating (the factory does it for the workers it reaps), once they have ended.
+    They are not our children: wait on a pidfd for each, which works for any process."""
+    pids = [p for p in pids if p is not None]
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except (AttributeError, OSError):  # ended already, or no pidfds (old kernel, not Linux)
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        waiting = list(fds)
+        while waiting and time.monotonic() < deadline:
+            ended = connection.wait(waiting, max(0.0, deadline - time.monotonic()))
+            waiting = [fd for fd in waiting if fd not in ended]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for pid in pids:
+        _limits.remove_stranded_shm(pid)
 
 
 def _close_at_exit(pool_ref) -> None:

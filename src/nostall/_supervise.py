@@ -60,6 +60,7 @@ class Supervisor:
     in_a_row: int = 0  # failures since a batch was last delivered
     _delivered_at_failure: int = -1  # batches delivered when the last failure was counted
     strikes: dict = field(default_factory=dict)  # (plan serial, batch_no) -> causes of deaths while making it
+    factories: dict = field(default_factory=dict)  # a lost factory (its FactoryExit) -> whether it may be replaced
 
     def pool_started(self) -> None:
         """Note the OOM killer's count now, to tell later whether it fired."""
@@ -71,8 +72,9 @@ class Supervisor:
         status and ``doing`` (what it was doing: " while making batch ...")."""
         if worker_id in self.hung:
             return self.hung.pop(worker_id)
-        cause = exit.describe() + doing
-        if exit.exitcode == -9:
+        cause = exit.describe(doing)
+        # A worker lost with its factory was killed by the kernel: the factory's signal is the clue.
+        if (exit.factory.exitcode if exit.factory is not None else exit.exitcode) == -9:
             cause += ". " + _diagnose.oom_evidence(self.oom_baseline)
         return cause
 
@@ -92,6 +94,15 @@ class Supervisor:
         self._delivered_at_failure = delivered
         self.in_a_row += 1
         return self.in_a_row <= self.config.max_restarts
+
+    def lost_with_factory(self, factory, cause: str, delivered: int = 0) -> bool:
+        """Record the restart of a worker that died because its factory died (``factory``:
+        a ``_pool.FactoryExit``). The factory's death is one failure, however many workers
+        it took along: counted, and decided, once, with the first of them."""
+        if factory not in self.factories:
+            self.factories[factory] = self.may_restart(factory.describe(), delivered=delivered)
+        self.restarts.append(cause)
+        return self.factories[factory]
 
     def strike(self, key: tuple, cause: str) -> list:
         """Record that a worker died (or hung) while making batch ``key``; return the

@@ -34,7 +34,12 @@ def die_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the pipe EOF still ends workers
-        pass
+        return
+    # A parent that died before the prctl sends nothing: we would outlive it, holding its
+    # pipes open (the loader then could not tell it is gone). Do what the kernel would have.
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker_entry(fd: int, worker_id: int, num_workers: int, base_seed: int, spec) -> None:
