@@ -26,10 +26,22 @@ Method
     its private ``loader._iterator._workers`` (it has no public way); Ctrl-C is
     SIGINT to the run's process group, and what is left is counted with psutil.
 
+    The soak (nostall only; ``--only soak`` runs it alone, about a minute on 2
+    cores): nostall's defaults, 640 samples of 4 floats (``Noisy``, 1 ms each),
+    batch 8, 2 workers, 10 epochs, under fork and under spawn. Every 10 batches a
+    random live process of the loader's tree (the workers and their parent, the
+    worker factory, as ps shows them) is SIGKILLed. Compared with an undisturbed
+    run with the same generator: each epoch's digest, every index exactly once per
+    epoch; after ``close()``: children and zombies of the run's process, any pid
+    the loader ever had still present 5 s later (workers lost with their factory
+    are orphans that init reaps), ``/dev/shm/torch_<pid>_*`` and
+    ``/tmp/nostall-stack-<pid>*`` files of those pids, and processes left in the
+    run's session when it exits.
+
 Output
-    A markdown table on stdout (scenario | torch's DataLoader | nostall), a list of
-    the scenarios where nostall fell short of its documented behaviour, and every
-    run's raw facts as JSON in ``--out``.
+    A markdown table on stdout (scenario | torch's DataLoader | nostall), the soak
+    table (a row per start method), a list of the scenarios where nostall fell
+    short of its documented behaviour, and every run's raw facts as JSON in ``--out``.
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ SRC = HERE.parent / "src"
 N_SAMPLES = 240  # 30 batches of 8 per epoch
 BAD = 37  # the index that hangs or raises
 HANG_TIMEOUT = 5.0
-SCENARIOS = ("kill_once", "kill_every", "hang", "raises", "guard", "pickle", "ctrl_c")
+SCENARIOS = ("kill_once", "kill_every", "hang", "raises", "guard", "pickle", "ctrl_c", "soak")
 
 
 def one_line(kind: str, text: str, limit: int = 150) -> str:
@@ -167,7 +179,114 @@ def job_ctrl_c(kind: str, opts: dict) -> None:
                 report(iterating=True)
 
 
-JOBS = {"epochs": job_epochs, "pickle": job_pickle, "ctrl_c": job_ctrl_c}
+def _loader_tree(loader) -> tuple[list[int], list[int]]:
+    """The loader's workers, and all its processes as ps shows them: the workers and their
+    parent, the factory."""
+    import psutil
+
+    workers = loader.worker_pids()
+    tree = set(workers)
+    for pid in workers:
+        try:
+            tree.add(psutil.Process(pid).ppid())
+        except psutil.NoSuchProcess:
+            pass
+    tree.discard(os.getpid())
+    tree.discard(1)  # a worker orphaned a moment ago
+    return workers, sorted(tree)
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def job_soak(kind: str, opts: dict) -> None:
+    """nostall with its defaults for ``epochs`` epochs; with ``every`` > 0, SIGKILL a random
+    process of the loader's tree (a worker or the factory) every ``every`` batches. Reports
+    each epoch's digest, whether every index came exactly once, and, after close, what of
+    the loader is left: processes, zombies, /dev/shm/torch_<pid>_* and stack-dump files."""
+    import collections
+    import glob
+
+    import psutil
+    import torch
+
+    import nostall
+    from fault_datasets import Noisy
+
+    n, every = opts["n"], opts.get("every", 0)
+    loader = nostall.DataLoader(Noisy(n, ms=opts.get("ms", 1.0)), batch_size=8, num_workers=2, shuffle=True,
+                                generator=torch.Generator().manual_seed(0),
+                                multiprocessing_context=opts["method"])
+    rng = random.Random(opts.get("seed", 0))
+    seen: set = set()
+    killed: list = []
+    factory_kills = batches = epoch = 0
+    digests, once = [], True
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one restart warning per death
+        try:
+            for epoch in range(opts["epochs"]):
+                digest, counts = hashlib.sha256(), collections.Counter()
+                for batch in loader:
+                    digest.update(batch.numpy().tobytes())
+                    counts.update(int(i) for i in batch[:, 0].tolist())
+                    batches += 1
+                    if every and batches % every == 0:
+                        workers, tree = _loader_tree(loader)
+                        seen.update(tree)
+                        live = [p for p in tree if p not in killed and _running(p)]
+                        if live:
+                            victim = rng.choice(live)
+                            factory_kills += victim not in workers
+                            os.kill(victim, signal.SIGKILL)
+                            killed.append(victim)
+                once &= sorted(counts) == list(range(n)) and set(counts.values()) == {1}
+                digests.append(digest.hexdigest()[:16])
+            report(completed=True, done_after_s=round(time.perf_counter() - t0, 2))
+        except Exception as exc:  # noqa: BLE001 - any error is the outcome under test
+            report(error_epoch=epoch, error_batches=batches, **error_facts(exc, t0))
+    seen.update(_loader_tree(loader)[1])
+    restarts = loader.stats.restarts
+    seen.update(int(p) for r in restarts for p in re.findall(r"\(pid (\d+)\)", r))
+    loader.close()
+    mine = psutil.Process().children(recursive=True)
+    children = [p.pid for p in mine if p.pid in seen or "resource_tracker" not in " ".join(_cmdline(p))]
+    zombies = [p.pid for p in mine if _status(p) == psutil.STATUS_ZOMBIE]
+    # Workers lost with a factory are orphans: the kernel hands them to init, which reaps them.
+    deadline = time.monotonic() + 5.0
+    while any(psutil.pid_exists(p) for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    report(epoch_digests=digests, exactly_once=once, batches=batches, kills=len(killed),
+           factory_kills=factory_kills, restarts=len(restarts), seen_pids=len(seen),
+           children_after_close=children, zombie_children_after_close=zombies,
+           running_after_5s=[p for p in seen if _running(p)],
+           present_after_5s=[p for p in seen if psutil.pid_exists(p)],
+           shm_files=[f for p in seen for f in glob.glob(f"/dev/shm/torch_{p}_*")],
+           stack_files=[f for p in seen for f in glob.glob(f"/tmp/nostall-stack-{p}*")])
+
+
+def _cmdline(proc) -> list:
+    try:
+        return proc.cmdline()
+    except Exception:  # noqa: BLE001 - gone or a zombie
+        return []
+
+
+def _status(proc) -> str:
+    try:
+        return proc.status()
+    except Exception:  # noqa: BLE001 - gone
+        return "gone"
+
+
+JOBS = {"epochs": job_epochs, "pickle": job_pickle, "ctrl_c": job_ctrl_c, "soak": job_soak}
 
 # The script of the missing-guard scenario: everything at module level.
 GUARDLESS = """\
@@ -395,12 +514,10 @@ def scenario_kill_once(limit: float, baseline: dict) -> dict:
 
 
 def scenario_kill_every(limit: float, baseline: dict) -> dict:
-    opts = dict(dataset=noisy(), epochs=20, kill=dict(every=20), loader=dict(max_worker_restarts=1000))
-    runs = {"torch": run_job("epochs", "torch", dict(opts, loader={}), limit, "SIGKILL every ~20 batches"),
-            "nostall": run_job("epochs", "nostall", opts, limit, "SIGKILL every ~20 batches")}
+    opts = dict(dataset=noisy(), epochs=20, kill=dict(every=20))
+    runs = {k: run_job("epochs", k, opts, limit, "SIGKILL every ~20 batches") for k in ("torch", "nostall")}
     cells = {k: epochs_outcome(r, _digests(baseline[k]), 20)[0] for k, r in runs.items()}
     ok = epochs_outcome(runs["nostall"], _digests(baseline["nostall"]), 20)[1]
-    cells["nostall"] = "`max_worker_restarts=1000`: " + cells["nostall"]
     return dict(key="kill_every", scenario="2. SIGKILL about every 20 batches, 20 epochs (600 batches)",
                 runs=runs, cells=cells, ok=ok)
 
@@ -581,6 +698,40 @@ def scenario_ctrl_c(limit: float) -> dict:
                 cells=cells, ok=ok)
 
 
+SOAK = dict(n=640, epochs=10, every=10, ms=1.0)  # 80 batches of 8 per epoch, 800 in all
+
+
+def scenario_soak(limit: float) -> list[dict]:
+    """Per start method: an undisturbed run and one with a random process of the loader's
+    tree SIGKILLed every 10 batches; the same generator, nostall's defaults."""
+    rows = []
+    for method in ("fork", "spawn"):
+        calm = run_job("soak", "nostall", dict(SOAK, method=method, every=0), limit, f"soak, {method}, undisturbed")
+        hit = run_job("soak", "nostall", dict(SOAK, method=method), limit,
+                      f"soak, {method}, SIGKILL every {SOAK['every']} batches")
+        c, f = calm["facts"], hit["facts"]
+        digests = f.get("epoch_digests", [])
+        identical = bool(digests) and digests == c.get("epoch_digests")
+        left = {
+            "processes": len(f.get("children_after_close", [])) + len(hit["left_at_exit"]),
+            "zombies": len(f.get("zombie_children_after_close", [])),
+            "after 5 s": len(f.get("present_after_5s", [])),
+            "shm files": len(f.get("shm_files", [])),
+            "stack files": len(f.get("stack_files", [])),
+        }
+        leftovers = "none" if not any(left.values()) else ", ".join(f"{v} {k}" for k, v in left.items() if v)
+        if "error" in f or hit["hung"]:
+            leftovers += f"; FAILED: {f.get('error', 'hung')}"
+        ok = (bool(f.get("completed")) and identical and f.get("exactly_once") is True and leftovers == "none"
+              and len(digests) == SOAK["epochs"])
+        rows.append(dict(method=method, runs={"undisturbed": calm, "soak": hit}, ok=ok, cells=[
+            method, f"{f.get('kills', 0)} ({f.get('factory_kills', 0)})", f"{len(digests)}/{SOAK['epochs']}",
+            str(f.get("batches", 0)), "yes" if identical else "NO",
+            "yes" if f.get("exactly_once") and len(digests) == SOAK["epochs"] else "NO", leftovers,
+            f"{f.get('done_after_s', float('nan')):.1f} s ({c.get('done_after_s', float('nan')):.1f} s)"]))
+    return rows
+
+
 # --------------------------------------------------------------------------- #
 # main
 # --------------------------------------------------------------------------- #
@@ -631,15 +782,29 @@ def main(argv=None) -> int:
             if key in args.only:
                 _say(f"{key} ...")
                 rows.extend(step())
+        soak = []
+        if "soak" in args.only:
+            _say("soak ...")
+            soak = scenario_soak(max(args.limit, 300.0))
     duration = time.monotonic() - started
     env = environment_info()
     print(f"Machine: {env['cpu_count']} CPUs, Python {env['python']}, torch {env['torch']}, {env['platform']}. "
           f"Duration: {duration:.0f} s. Runs killed after {args.limit:g} s count as hung.\n")
-    print("| scenario | torch's DataLoader | nostall |")
-    print("|---|---|---|")
+    if rows:
+        print("| scenario | torch's DataLoader | nostall |")
+        print("|---|---|---|")
     for r in rows:
         print(f"| {_cell(r['scenario'])} | {_cell(r['cells'].get('torch', ''))} | {_cell(r['cells']['nostall'])} |")
-    short = [r["scenario"] for r in rows if not r["ok"]]
+    if soak:
+        print(f"\nSoak: nostall's defaults, {SOAK['n']} samples, batch 8, 2 workers, {SOAK['epochs']} epochs; "
+              f"a random process of the loader's tree (a worker or the factory) SIGKILLed every {SOAK['every']} "
+              "batches, against an undisturbed run with the same generator.\n")
+        print("| start method | SIGKILLs (of the factory) | epochs | batches | batches identical | every index "
+              "exactly once | left behind | wall time (undisturbed) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in soak:
+            print("| " + " | ".join(_cell(c) for c in r["cells"]) + " |")
+    short = [r["scenario"] for r in rows if not r["ok"]] + [f"soak ({r['method']})" for r in soak if not r["ok"]]
     print("\nnostall fell short in: " + "; ".join(short) if short else "\nnostall did what it documents in every scenario.")
     if baseline:
         print("Undisturbed runs (20 epochs): " + ", ".join(
@@ -649,7 +814,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "command": " ".join(["benchmarks/bench_faults.py", *args.argv]), "environment": env,
         "limit_s": args.limit, "duration_s": round(duration, 1), "baseline": baseline,
-        "rows": [{k: v for k, v in r.items()} for r in rows], "nostall_fell_short": short,
+        "rows": [{k: v for k, v in r.items()} for r in rows], "soak": soak, "nostall_fell_short": short,
     }, indent=2) + "\n")
     return 0
 

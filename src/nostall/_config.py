@@ -20,7 +20,8 @@ class PoolConfig:
     covers batches prepared ahead for the next epoch.
 
     Supervision: a worker process that dies is replaced and its batches made again,
-    as often as needed while batches keep being delivered; the loader raises when a
+    as often as needed while batches keep being delivered (a dead worker factory too:
+    one failure, however many workers died with it); the loader raises when a
     batch ended its worker twice (a poison batch) or after more than ``max_restarts``
     failures in a row with no batch delivered in between. A batch that takes longer
     than ``hang_timeout`` seconds (None: 20 times the median batch, at least 30 s)

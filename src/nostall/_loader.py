@@ -93,7 +93,9 @@ class DataLoader(tud.DataLoader[_T_co]):
     about a microsecond per batch, and ``stats=False`` turns it off.
 
     Supervision (process workers): a worker that dies is replaced and its batches
-    made again, identical, as long as batches keep being delivered; the loader raises
+    made again, identical, as long as batches keep being delivered (so is the worker
+    factory, the process that forks them, with the workers that die with it: one
+    failure, listed in ``loader.stats.restarts``); the loader raises
     when one batch ended its worker twice (naming its sample indices) or after more
     than ``max_worker_restarts`` failures in a row with no batch delivered; a batch slower than
     ``hang_timeout`` seconds (default: 20 times the median batch, at least 30 s) is

@@ -230,9 +230,10 @@ class ProcessPool:
             self._exits[msg[1]] = WorkerExit(msg[1], msg[2], msg[3])
 
     def _factory_died(self) -> None:
-        """The factory's end of the control pipe closed: it is gone, and so are its
-        workers (``_zygote.die_with_parent``). Raise if it never started; otherwise
-        report every worker as died and start a new factory with the next worker."""
+        """The factory is gone (its pidfd is readable, or its end of the control pipe
+        closed), and so are its workers (``_zygote.die_with_parent``). Raise if it never
+        started; otherwise report every worker as died and start a new factory with
+        the next worker."""
         factory, self._factory = self._factory, None
         self._close_factory_fd()
         try:  # what it said before it died (the pids of the workers it started)
