@@ -415,7 +415,10 @@ class DataLoader(tud.DataLoader[_T_co]):
 
 
 def _release(engine: Engine, recorder: Recorder | None) -> None:
-    if recorder is not None:  # first: its last memory sample still sees the workers
+    # In a forked child (the finalizer runs there too, at exit or when the copy is
+    # dropped) only the child's copies go: engine.close() leaves the parent's workers
+    # alone, and the recorder's memory sampler is a thread the child does not have.
+    if recorder is not None and not engine.foreign:  # first: its last memory sample still sees the workers
         recorder.close()
     engine.close()
 
