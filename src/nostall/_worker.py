@@ -21,7 +21,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _datapipes, _diagnose, _resume, _seeding, _transport
+from . import _datapipes, _diagnose, _procname, _resume, _seeding, _transport
 
 
 @dataclass(frozen=True)
@@ -500,6 +500,7 @@ def install_thread_worker_info() -> None:
 
 def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
     """Body of a thread worker: tasks from ``inbox`` (a queue), results to ``outbox``."""
+    _procname.set_comm(_procname.worker_names(worker_id)[1])  # this thread's name in top -H
     maker, failure = _start(spec, worker_id, num_workers, base_seed, "thread")
     if failure is not None:
         outbox.put((worker_id, failure))
