@@ -85,6 +85,7 @@ def worker_processes(engine) -> list:
     pool = getattr(engine, "pool", None)
     if pool is None or not hasattr(pool, "wait_started"):
         return []
+    engine.check_owner()  # a forked child must not read the parent's factory pipe
     pids = pool.wait_started()
     exits = getattr(pool, "_exits", {})
     return [WorkerProcess(worker_id, pid, exits) for worker_id, pid in sorted(pids.items())]

@@ -17,8 +17,10 @@ still count against the window until then, so the bound always holds.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
@@ -79,6 +81,32 @@ def _warn_copy_on_read(dataset, num_workers: int) -> None:
         "lists every such container.)",
         UserWarning,
         stacklevel=4,  # the user's iter(loader)
+    )
+
+
+_engines: weakref.WeakSet = weakref.WeakSet()  # this process's engines, for the fork hook
+
+
+def _mark_forked() -> None:
+    """In a forked child: an engine whose workers the parent started may not use them
+    (see ``Engine.check_owner``); the flag keeps that check off the per-batch path."""
+    for engine in list(_engines):
+        if engine.pool is not None:
+            engine.forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def forked_text(owner: int | None) -> str:
+    """The error for a loader used in a forked child of the process that started its workers."""
+    return (
+        f"this nostall DataLoader's workers were started by process {owner}, and this is process "
+        f"{os.getpid()}, a fork of it (os.fork(), or a multiprocessing child started with 'fork'). "
+        "They belong to that process: taking batches here would take them from it. Create a new "
+        "DataLoader in this process (after the fork; the dataset object can be passed to it), or "
+        "fork before the loader's first iter(). Closing or dropping this copy is safe: it does not "
+        "touch the parent's workers."
     )
 
 
@@ -143,12 +171,15 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._started: set = set()  # process workers that finished starting (see _engine_faults)
         self._ramp: int | None = None  # batches in flight until the pool's first answer (see _start_pool)
         self.closed = False
+        self.forked = False  # this process is a fork of the one that started the pool (see _mark_forked)
+        _engines.add(self)
 
     # -- epochs -----------------------------------------------------------------
     def begin_epoch(self) -> EpochPlan:
         """Start a new epoch: abandon the unfinished one, reuse or discard work prepared ahead."""
         if self.closed:
             raise RuntimeError("this nostall DataLoader was closed; create a new one to load again")
+        self.check_owner()
         if not self.config.persistent and self.pool is not None:
             self._close_pool()
         plan = self.planner.begin()
@@ -224,6 +255,8 @@ class Engine(Resuming, FaultHandling, Tuning):
     # -- the hot path -------------------------------------------------------------
     def next_batch(self, plan: EpochPlan):
         """The next batch of ``plan``; raises StopIteration at the end of its epoch."""
+        if self.forked:
+            self.check_owner()
         if plan is not self._current:
             raise RuntimeError(
                 "this iterator was superseded by a newer iter(loader); a nostall DataLoader "
@@ -460,10 +493,22 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._arrivals.append(key)
 
     # -- lifecycle ------------------------------------------------------------
+    @property
+    def foreign(self) -> bool:
+        """True in a forked child of the process that started this engine's workers."""
+        return self.forked or (self.pool is not None and self.pool.foreign)
+
+    def check_owner(self) -> None:
+        """Raise if this process did not start the workers (a forked child): using them
+        here would steal the parent's batches. In-process loading (no pool) is not shared."""
+        if self.foreign:
+            raise RuntimeError(forked_text(getattr(self.pool, "owner_pid", None)))
+
     def worker_pids(self) -> list:
         """Pids of the live worker processes (empty for threads and in-process loading)."""
         if self.pool is None:
             return []
+        self.check_owner()  # the pids come over the factory's pipe: the parent's to read
         return sorted(self.pool.wait_started().values())
 
     def _close_pool(self) -> None:

@@ -104,6 +104,16 @@ class DataLoader(tud.DataLoader[_T_co]):
     failing samples out of their batch (listed in ``loader.stats.skipped``) until
     more than ``max_skipped_fraction`` of an epoch's samples failed.
 
+    A loader's workers belong to the process that started them. In a forked child
+    (``os.fork()`` or a ``fork``-started multiprocessing child) ``iter()``, ``next()``
+    on an existing iterator and ``worker_pids()`` raise a RuntimeError saying so (make
+    a new loader there); closing, dropping or exiting with the copy leaves the
+    parent's workers running. A ``KeyboardInterrupt`` or ``SystemExit`` raised by
+    dataset code in a worker is reported once, as a RuntimeError naming it and the
+    sample; it is not taken for a crash. Workers are named ``nostall-worker-N`` in
+    ``ps -o args`` (``nostall-wkr-N`` in ``top``, ``ps -e`` and OOM reports), the
+    factory ``nostall-factory``.
+
     ``max_inflight_bytes`` bounds the batches in flight in bytes as well (once the
     first batch's size is known), for large batches on machines short of memory.
     """
@@ -417,7 +427,10 @@ class DataLoader(tud.DataLoader[_T_co]):
 
 
 def _release(engine: Engine, recorder: Recorder | None) -> None:
-    if recorder is not None:  # first: its last memory sample still sees the workers
+    # In a forked child (the finalizer runs there too, at exit or when the copy is
+    # dropped) only the child's copies go: engine.close() leaves the parent's workers
+    # alone, and the recorder's memory sampler is a thread the child does not have.
+    if recorder is not None and not engine.foreign:  # first: its last memory sample still sees the workers
         recorder.close()
     engine.close()
 

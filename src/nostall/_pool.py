@@ -17,9 +17,30 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+import multiprocessing.process
 from multiprocessing import connection, reduction, util
 
 from . import _diagnose, _limits, _pickling, _transport, _worker, _zygote
+
+# Pools of this process, for the fork hook below. A pool belongs to the process that
+# made it: a forked child (os.fork(), a fork-started multiprocessing child, a torch
+# worker) holds copies of its pipes, and reading or writing them would take batches
+# from the parent or end its workers.
+_pools: weakref.WeakSet = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    """In a forked child: drop the child's copies of every pool's pipes at once.
+
+    Nothing else is touched: the workers, the factory and their files are the
+    parent's. Closing the copies also keeps a long-lived child from holding the
+    workers' pipes open after the parent closes the loader.
+    """
+    for pool in list(_pools):
+        pool.disown()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,9 @@ class ProcessPool:
         self.factory_exits: list[FactoryExit] = []  # factories this pool lost
         self._factory = None  # None between a factory's death and the next worker start
         self._closed = False
+        self.owner_pid = os.getpid()
         self._start_factory()
+        _pools.add(self)  # after the first factory's fork: the hook is for later forks
         # multiprocessing's exit handler joins every non-daemonic child, the factory
         # included, and in a multiprocessing child (torch.multiprocessing.spawn) it is
         # the only cleanup that runs: close the pool first, or that join never ends.
@@ -142,6 +165,19 @@ class ProcessPool:
         # Its workers inherit its end of the control pipe, so a dead factory's pipe stays
         # open while one of them lingers; a pidfd says when the process itself is gone.
         self._factory_fd = _pidfd(factory.pid)
+
+    @property
+    def foreign(self) -> bool:
+        """True in a forked child of the process that made this pool (see ``disown``)."""
+        return os.getpid() != self.owner_pid
+
+    def disown(self) -> None:
+        """In a forked child: close this process's copies of the pipes, and nothing else.
+        The factory is not this process's child: multiprocessing's exit handler would
+        otherwise try to join it and fail ("can only join a child process")."""
+        for conn in [*self._conns.values(), self._control]:
+            conn.close()
+        multiprocessing.process._children.discard(self._factory)  # noqa: SLF001 (see above)
 
     def add(self, worker_id: int) -> None:
         """Start one more worker (num_workers="auto")."""
@@ -330,6 +366,11 @@ class ProcessPool:
         if self._closed:
             return
         self._closed = True
+        if self.foreign:  # a forked child's copy: the workers and the factory are the parent's
+            self.disown()
+            self._conns.clear()
+            self._worker_of.clear()
+            return
         self._at_exit.cancel()
         for conn in self._conns.values():
             conn.close()  # workers see the end of their pipe and return; never blocks
@@ -412,8 +453,14 @@ class ThreadPool:
         self._threads: dict[int, threading.Thread] = {}
         self.pids = {}
         self._closed = False
+        self.owner_pid = os.getpid()
         for worker_id in range(num_workers if start is None else start):
             self.add(worker_id)
+
+    @property
+    def foreign(self) -> bool:
+        """True in a forked child: the worker threads exist only in the process that made them."""
+        return os.getpid() != self.owner_pid
 
     def add(self, worker_id: int) -> None:
         """Start one more worker thread."""
@@ -460,6 +507,8 @@ class ThreadPool:
         if self._closed:
             return
         self._closed = True
+        if self.foreign:
+            return  # a forked child has no worker threads (fork copies only the calling thread)
         for inbox in self._inboxes.values():
             inbox.put(None)
         deadline = time.monotonic() + 1.0

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _datapipes, _diagnose, _resume, _seeding, _transport
+from . import _datapipes, _diagnose, _procname, _resume, _seeding, _transport
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,10 @@ class BatchMaker:
             return ("empty", None) if data is _EMPTY else ("ok", data)
         except Exception:
             return "error", caught(self.worker_id, self._where(task, current[0]))
+        except EXITS:
+            if self.worker_id is None:
+                raise  # in-process loading: the loop's own KeyboardInterrupt, as in torch
+            return "error", caught(self.worker_id, self._where(task, current[0]))
         finally:
             _seeding._end_batch()
             if watched is not None:
@@ -313,6 +317,23 @@ class InlineError:
         raise self.exc
 
 
+# Raised by user code in a worker (workers ignore SIGINT, so Ctrl-C never raises there):
+# a deliberate exit from dataset code, reported once with the sample, not a crash to
+# retry (as an uncaught exception it ended the process, and the batch was made again).
+EXITS = (KeyboardInterrupt, SystemExit)
+
+
+class ExitInWorker(torch._utils.ExceptionWrapper):
+    """A KeyboardInterrupt or SystemExit from dataset code in a worker, raised in the
+    loader's process as a RuntimeError with torch's first line ("Caught KeyboardInterrupt
+    in DataLoader worker process 0."). Not re-raised as itself: in the training loop a
+    KeyboardInterrupt reads as the user's Ctrl-C (frameworks shut down "gracefully" on
+    it), and a SystemExit would end the program without a traceback."""
+
+    def reraise(self):
+        raise RuntimeError(f"Caught {self.exc_type.__name__} {self.where}.\nOriginal {self.exc_msg}")
+
+
 def caught(worker_id: int | None, detail: str):
     """The exception being handled, packed to be raised in the loader's process like torch's.
 
@@ -325,6 +346,18 @@ def caught(worker_id: int | None, detail: str):
     if worker_id is None:
         return InlineError(sys.exc_info()[1], detail)
     kind = "process" if threading.current_thread() is threading.main_thread() else "thread"
+    exc = sys.exc_info()[1]
+    if isinstance(exc, EXITS):
+        wrapper = ExitInWorker(where=f"in DataLoader worker {kind} {worker_id}")
+        name = type(exc).__name__
+        wrapper.exc_msg = (
+            f"{wrapper.exc_msg.rstrip()}\nRaised {detail}.\nnostall: the dataset code raised {name} "
+            f"({name}: {exc}) inside the worker, which would only end that worker (workers ignore "
+            "Ctrl-C: this was raised by the code, not typed). It is reported once, as this RuntimeError; "
+            "the batch is not made again and the worker goes on. To fail a sample, raise an Exception "
+            "(on_sample_error='skip' then leaves it out); to stop training, raise in the training loop."
+        )
+        return wrapper
     wrapper = torch._utils.ExceptionWrapper(where=f"in DataLoader worker {kind} {worker_id}")
     wrapper.exc_msg = f"{wrapper.exc_msg.rstrip()}\nRaised {detail}."
     return wrapper
@@ -373,7 +406,7 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         maker = BatchMaker(spec, base_seed, worker_id, seed_globals=not threaded,
                            keep_state="copy" if threaded else "send", reseeded=reseeded)
         return maker, None
-    except Exception:
+    except (Exception, *EXITS):
         who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
         return None, Result("error", -1, caught(worker_id, f"in nostall {who} while starting (worker_init_fn)"))
 
@@ -467,6 +500,7 @@ def install_thread_worker_info() -> None:
 
 def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
     """Body of a thread worker: tasks from ``inbox`` (a queue), results to ``outbox``."""
+    _procname.set_comm(_procname.worker_names(worker_id)[1])  # this thread's name in top -H
     maker, failure = _start(spec, worker_id, num_workers, base_seed, "thread")
     if failure is not None:
         outbox.put((worker_id, failure))

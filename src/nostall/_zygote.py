@@ -22,7 +22,7 @@ import signal
 import time
 from multiprocessing import connection, reduction
 
-from . import _limits, _worker
+from . import _limits, _procname, _worker
 
 _PR_SET_PDEATHSIG = 1
 _EXIT_GRACE_S = 0.5  # how long workers get to finish their batch when the loader closes
@@ -44,12 +44,14 @@ def die_with_parent() -> None:
 
 def _worker_entry(fd: int, worker_id: int, num_workers: int, base_seed: int, spec) -> None:
     die_with_parent()
+    _procname.set_process_name(*_procname.worker_names(worker_id))  # for ps, top, OOM reports
     conn = connection.Connection(fd)
     _worker.process_main(conn, worker_id, num_workers, base_seed, spec)
 
 
 def factory_main(control, num_workers: int, base_seed: int, spec, parent_end=None) -> None:
     """Body of the factory process."""
+    _procname.set_process_name("nostall-factory", "nostall-factory")  # for ps, top, OOM reports
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_end is not None:  # under fork we inherited the loader's end; drop it
         parent_end.close()
