@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 
 FDS_BASE = 100  # the training process's own files: libraries, dataset files, logs, sockets
@@ -147,3 +148,25 @@ def remove_stranded_shm(pid: int | None) -> int:
             except OSError:
                 pass
     return removed
+
+
+_FAILED_SHM = re.compile(r"for file <(/torch_(\d+)_[^/<>]+)>")
+
+
+def remove_failed_shm(error: BaseException) -> bool:
+    """Delete the /dev/shm file this process was making when ``error`` said there was
+    no room for it.
+
+    torch creates ``/dev/shm/torch_<pid>_...``, then reserves its size, and unlinks it
+    only once that worked: when /dev/shm is full it raises "unable to allocate shared
+    memory(shm) for file </torch_...>: No space left on device" and leaves the empty
+    file behind for good. Only a file of this process (its pid in the name) is removed.
+    """
+    match = _FAILED_SHM.search(str(error))
+    if match is None or int(match.group(2)) != os.getpid():
+        return False
+    try:
+        os.unlink("/dev/shm" + match.group(1))
+    except OSError:
+        return False
+    return True

@@ -232,8 +232,6 @@ class ProcessPool:
             self._factory.join(1.0)
         self._control.close()
         self._factory.close()
-        for pid in self.pids.values():  # killed workers could not remove theirs
-            _diagnose.forget_stack_file(pid)
 
 
 def _close_at_exit(pool_ref) -> None:
