@@ -20,7 +20,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 from conftest import SRC_DIR, TESTS_DIR, wait_gone
 from toy_datasets import HangsOnce, Indexed, Sleepy
 
