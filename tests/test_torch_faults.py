@@ -356,17 +356,89 @@ TORCH_TOO_MANY_FILES = (
 @pytest.mark.parametrize("impl", IMPLS)
 def test_open_files_limit_that_cannot_be_raised(tmp_path, impl):
     """The issue's case: hard limit 100, 1 worker, small tensors, every batch kept.
-    Both loaders stop with a RuntimeError naming both ways out; torch after ~90
-    batches, nostall before starting (its estimate of what the process needs)."""
+    torch stops after ~90 batches with a RuntimeError naming both ways out (each kept
+    tensor holds a shared-memory file); nostall sends small tensors by value, holds no
+    file per kept batch, fits its estimate (the files open now, not an assumed 100) and
+    completes."""
     run = run_with_open_files_limit(tmp_path, impl, 4, 100)
+    if impl == "torch":
+        assert run.returncode == 1, run.stderr[-3000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last == TORCH_TOO_MANY_FILES, run.stderr[-3000:]
+        assert "`ulimit -n" in last and "`torch.multiprocessing.set_sharing_strategy('file_system')`" in last, last
+    else:
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split() == ["KEPT", "3000"], run.stdout
+
+
+LIMITED = textwrap.dedent("""
+    import hashlib, resource, sys
+    import torch
+    import torch.utils.data
+    import nostall
+
+
+    class Vectors(torch.utils.data.Dataset):
+        # A 280 KB tensor per sample: batches travel through shared memory, one descriptor each.
+        def __len__(self):
+            return 96
+
+        def __getitem__(self, i):
+            return i, torch.full((70_000,), float(i))
+
+
+    if __name__ == "__main__":
+        impl, workers, hard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        cls = torch.utils.data.DataLoader if impl == "torch" else nostall.DataLoader
+        loader = cls(Vectors(), batch_size=4, shuffle=True, num_workers=workers,
+                     generator=torch.Generator().manual_seed(3))
+        digest, batches = hashlib.sha256(), 0
+        for epoch in range(2):
+            for i, v in loader:
+                digest.update(i.numpy().tobytes())
+                digest.update(v.numpy().tobytes())
+                batches += 1
+        print("BATCHES", batches, digest.hexdigest(), flush=True)
+""")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("num_workers", [1, 4])
+def test_hard_open_files_limit_64_runs_as_torch_does(tmp_path, num_workers):
+    """Hard limit 64 (set with setrlimit in the script): nostall used to refuse even one
+    worker (it counted 100 files for the process); now it counts the files open, and
+    1 or 4 workers deliver the batches torch delivers."""
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, TESTS_DIR]))
+    out = {}
+    for impl in IMPLS:
+        run = subprocess.run([sys.executable, str(script), impl, str(num_workers), "64"], capture_output=True,
+                             text=True, timeout=80, env=env, cwd=tmp_path)
+        assert run.returncode == 0, f"{impl}: {run.stderr[-3000:]}"
+        out[impl] = run.stdout.split()
+    assert out["nostall"] == out["torch"] and out["torch"][:2] == ["BATCHES", "48"], out
+
+
+@pytest.mark.timeout(60)
+def test_open_files_refusal_names_the_worker_count_that_fits(tmp_path):
+    """When even the hard limit is short, the error says how many workers fit, and
+    that many start and complete under the same limit."""
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, TESTS_DIR]))
+    run = subprocess.run([sys.executable, str(script), "nostall", "16", "40"], capture_output=True, text=True,
+                         timeout=50, env=env, cwd=tmp_path)
     assert run.returncode == 1, run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError: "), run.stderr[-3000:]
-    assert "`ulimit -n" in last and "`torch.multiprocessing.set_sharing_strategy('file_system')`" in last, last
-    if impl == "torch":
-        assert last == TORCH_TOO_MANY_FILES
-    else:
-        assert "the open-files limit is 100 (hard limit 100)" in last
+    assert last.startswith("RuntimeError: the open-files limit is 40 (hard limit 40), and 16 workers"), last
+    assert "`ulimit -n" in last and "set_sharing_strategy('file_system')" in last, last
+    fits = re.search(r"use num_workers=(\d+) \(the most that fit\)", last)
+    assert fits and 1 <= int(fits.group(1)) < 16, last
+    run = subprocess.run([sys.executable, str(script), "nostall", fits.group(1), "40"], capture_output=True,
+                         text=True, timeout=50, env=env, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.split()[:2] == ["BATCHES", "48"], run.stderr[-3000:]
 
 
 @pytest.mark.timeout(120)

@@ -2,7 +2,8 @@
 out-of-memory killer, and an unguarded main script under spawn.
 
 Stacks: every worker process registers :mod:`faulthandler` on SIGUSR1, writing
-to a file named after its pid; the loader sends the signal and reads the file.
+to an anonymous in-memory file; the loader sends the signal and reads that file
+through ``/proc/<pid>/fd``.
 faulthandler writes from the signal handler itself, so it works while the
 worker is stuck in a C extension or holding the GIL in a tight loop.
 """
@@ -13,7 +14,6 @@ import faulthandler
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -22,54 +22,66 @@ from pathlib import Path
 _STACK_SIGNAL = signal.SIGUSR1
 
 
-def stack_path(pid: int) -> Path:
-    """Where worker ``pid`` dumps its stack when asked."""
-    return Path(tempfile.gettempdir()) / f"nostall-stack-{pid}.txt"
+_STACK_NAME = "nostall-stack"  # the memfd's name, as /proc/<pid>/fd shows it: "/memfd:nostall-stack (deleted)"
 
 
 def install_stack_dump() -> None:
-    """In a worker process: dump every thread's stack to :func:`stack_path` on SIGUSR1."""
-    path = stack_path(os.getpid())
+    """In a worker process: dump every thread's stack on SIGUSR1 into an anonymous
+    in-memory file (``memfd_create``) that the loader reads through ``/proc/<pid>/fd``.
+
+    The file has no name in any directory, so there is nothing to plant a symlink at
+    and nothing to remove: the kernel frees it with the process however it ends
+    (closed loader, SIGKILL, a killed main process). Only processes allowed to trace
+    the worker (its own user) can open it through /proc.
+    """
     try:
-        out = open(path, "w")  # noqa: SIM115 - stays open for the handler, closed at exit
+        fd = os.memfd_create(_STACK_NAME, os.MFD_CLOEXEC)
+        os.fchmod(fd, 0o600)
+    except (OSError, AttributeError):
+        return  # no memfd (very old kernel, seccomp): hangs are still reported, without a stack
+    faulthandler.register(_STACK_SIGNAL, file=fd, all_threads=True)
+
+
+def _stack_file(pid: int) -> str | None:
+    """``/proc/<pid>/fd/<n>`` of worker ``pid``'s stack file, if it has one."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
     except OSError:
-        return  # no writable temp dir: hangs are still reported, without a stack
-    faulthandler.register(_STACK_SIGNAL, file=out, all_threads=True)
-    # Forked workers end through os._exit: multiprocessing's finalizers run, atexit does not.
-    from multiprocessing import util
-
-    util.Finalize(None, _remove_stack_file, args=(path, out), exitpriority=0)
-
-
-def _remove_stack_file(path: Path, out) -> None:
-    faulthandler.unregister(_STACK_SIGNAL)
-    out.close()
-    path.unlink(missing_ok=True)
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}").startswith(f"/memfd:{_STACK_NAME} "):
+                return f"{fds}/{name}"
+        except OSError:
+            continue  # closed meanwhile
+    return None
 
 
 def process_stack(pid: int, wait_s: float = 1.0) -> str | None:
     """Ask worker ``pid`` for its Python stack; None if it does not answer in time."""
-    path = stack_path(pid)
+    path = _stack_file(pid)
+    if path is None:
+        return None
     try:
-        before = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a new open of the worker's memfd
+    except OSError:
+        return None
+    try:
+        before = size = os.fstat(fd).st_size
         os.kill(pid, _STACK_SIGNAL)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            new = os.fstat(fd).st_size
+            if new > before and new == size:  # written, and no longer growing
+                break
+            size = new
+        text = os.pread(fd, max(0, os.fstat(fd).st_size - before), before).decode(errors="replace")
     except OSError:
         return None
-    deadline = time.monotonic() + wait_s
-    size = before
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        try:
-            new = path.stat().st_size
-        except OSError:
-            return None
-        if new > before and new == size:  # written, and no longer growing
-            break
-        size = new
-    try:
-        text = path.read_text(errors="replace")[before:]
-    except OSError:
-        return None
+    finally:
+        os.close(fd)
     return text.strip() or None
 
 
@@ -77,12 +89,6 @@ def thread_stack(thread: threading.Thread) -> str | None:
     """The Python stack of a live thread of this process."""
     frame = sys._current_frames().get(thread.ident)
     return "".join(traceback.format_stack(frame)).rstrip() if frame is not None else None
-
-
-def forget_stack_file(pid: int | None) -> None:
-    """Remove the stack file of a worker that is gone (it could not remove it itself)."""
-    if pid is not None:
-        stack_path(pid).unlink(missing_ok=True)
 
 
 # -- out of memory ----------------------------------------------------------------

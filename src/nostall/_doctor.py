@@ -29,7 +29,7 @@ from ._cpus import UsableCpus, usable_cpus
 from ._large_containers import (  # noqa: F401  (re-exported: the doctor's API)
     CONTAINERS, MIN_ELEMENTS, Container, _attributes, _NOT_DATA, estimate_size, find_large_containers,
 )
-from ._limits import FDS_BASE, FDS_PER_WORKER, open_files_needed
+from ._limits import FDS_BASE, FDS_LOADER, FDS_PER_WORKER, open_files_needed
 from ._measure import START_METHODS
 from ._script import is_loader_call, parse_script, resolve_start_method, unguarded_uses
 
@@ -344,8 +344,9 @@ def check_open_files(num_workers: int, prefetch_factor: int, tensors_per_batch: 
     counted = tensors_per_batch is not None
     tensors = tensors_per_batch if counted else 2
     needed = open_files_needed(num_workers, prefetch_factor, tensors)
-    estimate = (f"~{needed:,} (estimate: {FDS_BASE} for the process itself + {FDS_PER_WORKER} per worker x "
-                f"{num_workers} + {tensors} tensors per batch{'' if counted else ' (assumed; pass --dataset to count)'} "
+    estimate = (f"~{needed:,} (estimate: {FDS_BASE} for the process itself (assumed; the loader counts what is "
+                f"open when it starts) + {FDS_LOADER} for the loader + {FDS_PER_WORKER} per worker x {num_workers} "
+                f"+ {tensors} tensors per batch{'' if counted else ' (assumed; pass --dataset to count)'} "
                 f"x {num_workers * prefetch_factor + 1} batches in flight or held, one descriptor per shared "
                 "tensor under torch's default 'file_descriptor' sharing)")
     if soft == resource.RLIM_INFINITY or soft >= 2 * needed:

@@ -13,7 +13,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-from . import _diagnose, _limits, _supervise, _transport
+from . import _limits, _supervise, _transport
 from ._pool import WorkerExit
 from ._worker import PipeOnly
 
@@ -75,7 +75,6 @@ class FaultHandling:
                  else f" while making {what}" if what else "")
         short = hung or exit.describe()
         cause = self.supervisor.death_cause(worker_id, exit, doing)
-        _diagnose.forget_stack_file(exit.pid)
         shm_full = exit.exitcode == -signal.SIGBUS and not self._pipe_only and self.pool.passes_attrs
         if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
             cause += f". Likely cause: /dev/shm is full ({self._shm_text()})"

@@ -11,16 +11,52 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 
-FDS_BASE = 100  # the training process's own files: libraries, dataset files, logs, sockets
-FDS_PER_WORKER = 4  # pipes and the process sentinel, per worker
+# Descriptors, measured (Python 3.11, torch 2.x, Linux; fork and spawn alike). The
+# loader's process holds the factory's control pipe and process sentinel, one socket
+# per worker, one more while a worker starts, and, for each shared tensor it takes
+# in, the connection to the sending worker's resource sharer and the descriptor
+# being received. The factory keeps two pipe ends per worker it forked and each
+# later worker inherits those: worker k holds what the loader's process had open
+# + 9 + 2k, and per shared tensor it sends its storage's descriptor and a copy that
+# waits for the loader. Smallest hard limits that completed with one 280 KB tensor
+# per batch (prefetch_factor=2, 5 files open before): 1 worker 17, 4 workers 26,
+# 8 workers 33; the estimates below are 18, 26 and 38.
+FDS_LOADER = 8  # the loader's process: control pipe, sentinel, a starting worker, receiving a tensor
+FDS_PER_WORKER = 1  # the loader's process: each worker's socket
+FDS_WORKER = 9  # a worker: its socket, stack file, resource sharer and what it inherited from the factory
+FDS_FACTORY_PER_WORKER = 2  # the factory and the last worker: two pipe ends per worker forked
+FDS_WORKER_PER_TENSOR = 2  # a worker: a shared tensor's descriptor, and its copy waiting for the loader
+FDS_BASE = 100  # a training process's own files, when they cannot be counted (``nostall doctor``)
 
 
-def open_files_needed(num_workers: int, prefetch_factor: int, tensors_per_batch: int) -> int:
-    """Estimate of the file descriptors the loader's process needs."""
+def open_files_now() -> int:
+    """Descriptors this process has open (``FDS_BASE`` where /proc cannot say)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir holds
+    except OSError:
+        return FDS_BASE
+
+
+def open_files_needed(num_workers: int, prefetch_factor: int, tensors_per_batch: int,
+                      open_now: int = FDS_BASE) -> int:
+    """Estimate of the file descriptors the busiest process of the loader needs (the
+    loader's own process, or its last worker), given ``open_now`` open already."""
     in_flight = num_workers * prefetch_factor + 1  # +1: the batch the training loop holds
-    return FDS_BASE + FDS_PER_WORKER * num_workers + in_flight * tensors_per_batch
+    loader = open_now + FDS_LOADER + FDS_PER_WORKER * num_workers + in_flight * tensors_per_batch
+    worker = (open_now + FDS_WORKER + FDS_FACTORY_PER_WORKER * num_workers
+              + FDS_WORKER_PER_TENSOR * tensors_per_batch)
+    return max(loader, worker)
+
+
+def workers_that_fit(limit: int, prefetch_factor: int, tensors_per_batch: int, open_now: int) -> int:
+    """The most workers whose estimate fits in ``limit`` open files (0 if none does)."""
+    workers = 0
+    while open_files_needed(workers + 1, prefetch_factor, tensors_per_batch, open_now) <= limit:
+        workers += 1
+    return workers
 
 
 # torch's words for running out of open files while loading (dataloader.py); nostall's
@@ -43,10 +79,14 @@ def _shares_by_descriptor() -> bool:
 
 def ensure_open_files(num_workers: int, prefetch_factor: int, tensors_per_batch: int = 2) -> None:
     """Raise the soft open-files limit if the loader may need more (up to the hard
-    limit, as `ulimit -n` could); raise an error saying what to do if even that is short."""
+    limit, as `ulimit -n` could); raise an error saying what to do, and how many
+    workers would fit, if even that is short. The estimate starts from the
+    descriptors open now; ``tensors_per_batch`` is a guess made before any batch
+    (only tensors above the inline size hold one)."""
     if not _shares_by_descriptor():
         tensors_per_batch = 0
-    needed = open_files_needed(num_workers, prefetch_factor, tensors_per_batch)
+    open_now = open_files_now()
+    needed = open_files_needed(num_workers, prefetch_factor, tensors_per_batch, open_now)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
@@ -54,15 +94,21 @@ def ensure_open_files(num_workers: int, prefetch_factor: int, tensors_per_batch:
         target = 4 * needed if hard == resource.RLIM_INFINITY else min(hard, 4 * needed)
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         return
+    fits = workers_that_fit(hard, prefetch_factor, tensors_per_batch, open_now)
+    fewer = (f"use num_workers={fits} (the most that fit)" if fits
+             else "use num_workers=0 (no worker fits)")
+    if prefetch_factor > 1 and workers_that_fit(hard, 1, tensors_per_batch, open_now) >= num_workers:
+        fewer += " or prefetch_factor=1"
     strategy = (f" or change the sharing strategy by calling `{SET_FILE_SYSTEM}` at the beginning of your "
                 "code (batches then hold no open file; the estimate becomes "
-                f"{open_files_needed(num_workers, prefetch_factor, 0)})" if tensors_per_batch else "")
+                f"{open_files_needed(num_workers, prefetch_factor, 0, open_now)})" if tensors_per_batch else "")
     raise RuntimeError(
         f"the open-files limit is {soft} (hard limit {hard}), and {num_workers} workers with "
-        f"prefetch_factor={prefetch_factor} need about {needed} (estimate: {FDS_BASE} for the process, "
-        f"{FDS_PER_WORKER} per worker, {tensors_per_batch} per batch in flight). Please increase the limit "
-        f"before starting training using `ulimit -n {4 * needed}` in the shell (in docker "
-        f"`--ulimit nofile={4 * needed}`){strategy}, or use fewer workers or a smaller prefetch_factor."
+        f"prefetch_factor={prefetch_factor} need about {needed} (estimate: the {open_now} open now, "
+        f"{FDS_LOADER} for the loader, per worker {FDS_PER_WORKER} in this process and "
+        f"{FDS_FACTORY_PER_WORKER} in the worker factory, {tensors_per_batch} per batch in flight). Please "
+        f"increase the limit before starting training using `ulimit -n {4 * needed}` in the shell (in docker "
+        f"`--ulimit nofile={4 * needed}`){strategy}, or {fewer}."
     )
 
 
@@ -147,3 +193,25 @@ def remove_stranded_shm(pid: int | None) -> int:
             except OSError:
                 pass
     return removed
+
+
+_FAILED_SHM = re.compile(r"for file <(/torch_(\d+)_[^/<>]+)>")
+
+
+def remove_failed_shm(error: BaseException) -> bool:
+    """Delete the /dev/shm file this process was making when ``error`` said there was
+    no room for it.
+
+    torch creates ``/dev/shm/torch_<pid>_...``, then reserves its size, and unlinks it
+    only once that worked: when /dev/shm is full it raises "unable to allocate shared
+    memory(shm) for file </torch_...>: No space left on device" and leaves the empty
+    file behind for good. Only a file of this process (its pid in the name) is removed.
+    """
+    match = _FAILED_SHM.search(str(error))
+    if match is None or int(match.group(2)) != os.getpid():
+        return False
+    try:
+        os.unlink("/dev/shm" + match.group(1))
+    except OSError:
+        return False
+    return True

@@ -390,8 +390,6 @@ class ProcessPool:
             self._control.close()
             if factory.exitcode is not None:
                 factory.close()
-        for pid in self.pids.values():  # killed workers could not remove theirs
-            _diagnose.forget_stack_file(pid)
 
 
 def _pidfd(pid: int) -> int | None:

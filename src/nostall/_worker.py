@@ -21,7 +21,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _datapipes, _diagnose, _procname, _resume, _seeding, _transport
+from . import _datapipes, _diagnose, _limits, _procname, _resume, _seeding, _transport
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,7 @@ class BatchMaker:
             except RuntimeError as exc:
                 if "shared memory" not in str(exc):
                     raise
+                _limits.remove_failed_shm(exc)  # torch leaves the empty file it could not fill
                 self.no_shm = True  # /dev/shm is full: this and later batches go through the pipe
                 self.note = f"shm-full: {str(exc).splitlines()[0]}"
         # torch's default_collate puts a worker's batch in shared memory when it sees
@@ -470,13 +471,30 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
             continue
         result = maker.make(msg)
         try:
-            conn.send_bytes(_transport.dumps(result, inline_all=maker.no_shm))
+            conn.send_bytes(_dumps(result, maker))
         except (BrokenPipeError, ConnectionResetError, OSError):
             return
         except Exception:
             wrapper = caught(worker_id, f"in nostall worker {worker_id} (pid {os.getpid()}) while sending batch "
                              f"{msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)")
             conn.send_bytes(_transport.dumps(Result("error", msg.task_id, wrapper)))
+
+
+def _dumps(result: Result, maker: BatchMaker):
+    """``result`` serialized for the pipe. A large tensor the batch does not hold in
+    shared memory yet (``batch_size=None``, a custom collate_fn) is put there while
+    pickling; when /dev/shm has no room for it, this batch and later ones go whole
+    through the pipe instead, as when collating fails for that reason."""
+    if not maker.no_shm:
+        try:
+            return _transport.dumps(result)
+        except RuntimeError as exc:
+            if "shared memory" not in str(exc):
+                raise
+            _limits.remove_failed_shm(exc)
+            maker.no_shm = True
+            result = result._replace(note=f"shm-full: {str(exc).splitlines()[0]}")
+    return _transport.dumps(result, inline_all=True)
 
 
 # Thread workers: torch's get_worker_info() returns one module global, which threads
