@@ -359,13 +359,15 @@ class LoaderStats:
 
     @property
     def restarts(self) -> list[str]:
-        """What happened to each worker nostall replaced (crashed, killed, hung)."""
+        """What happened to each worker nostall replaced (crashed, killed, hung); the
+        latest 1,000 (``str(stats)`` gives the total)."""
         workers = self._rec.workers()
         return list(workers.supervisor.restarts) if workers is not None and workers.supervisor else []
 
     @property
     def skipped(self) -> list[dict]:
-        """Samples left out under ``on_sample_error="skip"``: epoch, batch, index, error."""
+        """Samples left out under ``on_sample_error="skip"``: epoch, batch, index, error
+        (the latest 10,000; ``str(stats)`` gives the total)."""
         workers = self._rec.workers()
         if workers is None or workers.supervisor is None:
             return []
@@ -448,10 +450,12 @@ class LoaderStats:
             lines.append(f"auto: {last['workers']} workers, prefetch {last['prefetch']} after "
                          f"{len(self.tuner)} change(s); last: {last['reason']}")
         if self.restarts:
-            lines.append(f"worker restarts: {len(self.restarts)}; last: {self.restarts[-1]}")
+            lines.append(f"worker restarts: {self._rec.workers().supervisor.restart_count}; "
+                         f"last: {self.restarts[-1]}")
         if self.skipped:
-            lines.append(f"samples skipped: {len(self.skipped)}; first: index {self.skipped[0]['index']} "
-                         f"({self.skipped[0]['error']})")
+            workers = self._rec.workers()
+            lines.append(f"samples skipped: {workers.supervisor.skipped_total}; first kept: index "
+                         f"{self.skipped[0]['index']} ({self.skipped[0]['error']})")
         if self.peak_memory_mb is not None:
             lines.append(f"peak memory ({self.memory_metric.upper()}, process tree): {self.peak_memory_mb:.0f} MB")
         return "\n".join(lines)
