@@ -112,6 +112,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._arrivals: list = []  # keys in arrival order, for in_order=False
         self._sched = Scheduler(0)
         self.worker_log: WorkerLog | None = None  # for loader.stats
+        self.keep_spans = False  # keep each batch's span for the trace (set by a loader with stats on)
         self._worker_dstate: dict[int, dict] = {}
         self._current: EpochPlan | None = None
         self._deliver_no = 0
@@ -171,7 +172,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._skip_delivered(plan, resume)
         self._epoch_samples = self.planner.epoch_samples()
         if self.worker_log is None:
-            self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor)
+            self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor,
+                                        spans=self.keep_spans)
         started = False
         if self.config.num_workers == 0:
             if self._inline is None:

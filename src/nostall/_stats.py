@@ -13,6 +13,13 @@ within 0.5% of a core.
 
 Cost on the loop: two clock reads, a few additions and one append to a bounded
 timeline per batch (about a microsecond; see BENCHMARKS.md).
+
+Memory is bounded however long the run: the trace keeps the last
+``_TIMELINE_LIMIT`` batches in compact rings of doubles (24 bytes per batch for the
+loop, 40 for the workers' spans: ~3.2 MB when full, against ~30 MB for the same
+batches as tuples), and the last ``_EPOCHS_KEPT`` epochs are listed (the totals and
+the time to first batch cover every epoch). Without statistics (``stats=False``)
+nothing is kept per batch or per epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from array import array
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +35,8 @@ from typing import Any, Callable
 
 from ._memory import ProcessTreeMemory
 
-_TIMELINE_LIMIT = 100_000  # batches kept for the trace: a few MB at most
+_TIMELINE_LIMIT = 50_000  # batches kept for the trace (the latest): ~3.2 MB at most (see _Ring)
+_EPOCHS_KEPT = 1_000  # epochs listed in loader.stats.epochs (the latest)
 _clock = time.monotonic  # the clock worker processes stamp their batches with
 _MEMORY_FIRST_S = 1.0  # when the memory sampler takes its first sample (closing takes one too)
 
@@ -49,6 +58,52 @@ def batch_len(batch: Any) -> int:
         return len(batch)
     except TypeError:
         return 1
+
+
+class _Ring:
+    """The latest ``capacity`` records of ``width`` numbers each, stored flat in arrays of
+    doubles: 8 bytes a number, where a tuple of floats takes about 30 (measured: the
+    100,000 tuples the trace used to keep took ~30 MB). Chunks of ``_CHUNK`` records
+    are dropped whole, oldest first, so it holds between ``capacity`` and ``capacity``
+    + ``_CHUNK`` records once full. Iterating gives tuples of floats, oldest first."""
+
+    _CHUNK = 2048
+
+    __slots__ = ("_width", "_chunks", "_last", "_size")
+
+    def __init__(self, width: int, capacity: int) -> None:
+        self._width = width
+        self._size = self._CHUNK * width  # numbers per chunk
+        self._chunks: deque = deque(maxlen=max(1, -(-capacity // self._CHUNK)) + 1)
+        self._last = None
+
+    def append(self, *values: float) -> None:
+        """Add one record of ``width`` numbers."""
+        last = self._last
+        if last is None or len(last) >= self._size:
+            last = self._last = array("d")
+            self._chunks.append(last)
+        last.extend(values)
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks) // self._width
+
+    def __bool__(self) -> bool:
+        return self._last is not None
+
+    def __iter__(self):
+        w = self._width
+        for chunk in self._chunks:
+            for i in range(0, len(chunk), w):
+                yield tuple(chunk[i:i + w])
+
+    def __getitem__(self, i: int) -> tuple:
+        """Only the last record (``ring[-1]``) and the first (``ring[0]``) are needed."""
+        if i == -1 and self._last:
+            return tuple(self._last[-self._width:])
+        if i == 0 and self._chunks:
+            return tuple(self._chunks[0][:self._width])
+        raise IndexError(i)
 
 
 @dataclass(frozen=True)
@@ -86,7 +141,7 @@ class WorkerLog:
     """What the workers did, fed by the loader's engine: busy time per worker,
     batches in flight at each delivery, and each batch's span for the trace."""
 
-    def __init__(self, num_workers: int, window: int, supervisor=None) -> None:
+    def __init__(self, num_workers: int, window: int, supervisor=None, spans: bool = True) -> None:
         self.started = _clock()
         self.supervisor = supervisor  # restarts and skipped samples (``_supervise.Supervisor``)
         self.tuner = None  # num_workers="auto" (``_autotune.AutoTuner``)
@@ -97,13 +152,15 @@ class WorkerLog:
         self.in_flight_sum = 0
         self.in_flight_max = 0
         self.deliveries = 0
-        self.spans: deque = deque(maxlen=_TIMELINE_LIMIT)  # (worker, epoch, batch_no, started, done)
+        # (worker, epoch, batch_no, started, done) for the trace; kept only with statistics on
+        self.spans: _Ring | None = _Ring(5, _TIMELINE_LIMIT) if spans else None
 
     def made(self, worker_id: int, epoch: int, batch_no: int, started: float, done: float) -> None:
         """A worker finished a batch (its own time stamps)."""
         self.busy_s[worker_id] += done - started
         self.batches[worker_id] += 1
-        self.spans.append((worker_id, epoch, batch_no, started, done))
+        if self.spans is not None:
+            self.spans.append(worker_id, epoch, batch_no, started, done)
 
     def delivered(self, in_flight: int) -> None:
         """A batch was handed to the loop while ``in_flight`` batches were in the window."""
@@ -119,9 +176,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.created = _clock()
-        self.epochs: list[EpochStats] = []
-        self.timeline: deque = deque(maxlen=_TIMELINE_LIMIT)  # (epoch, called, returned)
-        self.marks: list[tuple] = []  # (epoch, iter called, first batch or None, end or None)
+        self.epochs: deque[EpochStats] = deque(maxlen=_EPOCHS_KEPT)  # the latest finished epochs
+        self.epoch_count = 0  # every epoch begun (``epochs`` keeps the latest)
+        self.first_batch_s: float | None = None  # epoch 0's time to first batch (kept when it leaves ``epochs``)
+        self.timeline = _Ring(3, _TIMELINE_LIMIT)  # (epoch, called, returned), the latest batches
+        self.marks: deque = deque(maxlen=_EPOCHS_KEPT)  # [epoch, iter called, first batch or None, end or None]
         self.memory: ProcessTreeMemory | None = None
         self.workers: Callable[[], WorkerLog | None] = lambda: None
         self.log_every = 0
@@ -148,7 +207,8 @@ class Recorder:
             self._close_epoch(complete=False, end=None)
         if self.memory is None:
             self._start_memory()
-        self._reset_epoch(len(self.epochs), iter_called)
+        self._reset_epoch(self.epoch_count, iter_called)
+        self.epoch_count += 1
         self._wait = iter_returned - iter_called
         self._open = True
         self.marks.append([self._number, iter_called, None, None])
@@ -160,12 +220,14 @@ class Recorder:
         else:
             origin = self.created if self._number == 0 else self._iter_called
             self._start = returned - origin
+            if self._number == 0:
+                self.first_batch_s = self._start
             self.marks[-1][2] = returned
         self._wait += returned - called
         self._last_return = returned
         self._batches += 1
         self._samples += batch_len(batch)
-        self.timeline.append((self._number, called, returned))
+        self.timeline.append(self._number, called, returned)
         if self.log_every and self._batches % self.log_every == 0:
             self._log_line()
 
@@ -222,8 +284,8 @@ class Recorder:
 
     # -- read by LoaderStats ---------------------------------------------------
     def all_epochs(self) -> list[EpochStats]:
-        """Finished epochs, then the one in progress (if any)."""
-        return self.epochs + ([self._snapshot(False)] if self._open else [])
+        """The latest finished epochs (at most ``_EPOCHS_KEPT``), then the one in progress (if any)."""
+        return [*self.epochs] + ([self._snapshot(False)] if self._open else [])
 
     def current_waiting_fraction(self) -> float:
         """Waiting fraction of the epoch in progress (of the last one between epochs)."""
@@ -284,7 +346,8 @@ class LoaderStats:
     # -- the loop --------------------------------------------------------------
     @property
     def epochs(self) -> list[EpochStats]:
-        """Every epoch so far; the last one may be in progress (``complete=False``)."""
+        """Every epoch so far, the latest 1,000 of a longer run (each has its ``number``);
+        the last one may be in progress (``complete=False``)."""
         return self._rec.all_epochs()
 
     @property
@@ -316,13 +379,13 @@ class LoaderStats:
     @property
     def time_to_first_batch_s(self) -> float | None:
         """From the loader's construction to its first batch."""
-        epochs = self.epochs
-        return epochs[0].start_s if epochs else None
+        return self._rec.first_batch_s
 
     @property
     def pauses_s(self) -> list[float]:
-        """Each pause between epochs: from ``iter()`` to the epoch's first batch."""
-        return [e.start_s for e in self.epochs[1:] if e.start_s is not None]
+        """Each pause between epochs: from ``iter()`` to the epoch's first batch (of the
+        epochs listed in ``epochs``)."""
+        return [e.start_s for e in self.epochs if e.number > 0 and e.start_s is not None]
 
     @property
     def samples_per_s(self) -> float:
@@ -481,13 +544,17 @@ class LoaderStats:
         ]
         last_return = None
         for epoch, called, returned in rec.timeline:
+            epoch = int(epoch)
             if last_return is not None and last_return[0] == epoch:
                 events.append({"name": "step", "ph": "X", "pid": 0, "tid": 0, "ts": us(last_return[1]),
                                "dur": us(called) - us(last_return[1]), "cat": "loop"})
             events.append({"name": "wait", "ph": "X", "pid": 0, "tid": 0, "ts": us(called),
                            "dur": us(returned) - us(called), "cat": "loop", "args": {"epoch": epoch}})
             last_return = (epoch, returned)
+        kept_from = rec.timeline[0][1] if rec.timeline else None  # epochs before the kept batches are left out
         for number, began, first, end in rec.marks:
+            if kept_from is not None and end is not None and end < kept_from:
+                continue
             stop = end if end is not None else (rec.timeline[-1][2] if rec.timeline else began)
             events.append({"name": f"epoch {number}", "ph": "X", "pid": 0, "tid": 1, "ts": us(began),
                            "dur": max(0.0, us(stop) - us(began)), "cat": "epoch"})
@@ -500,7 +567,8 @@ class LoaderStats:
         if workers is not None:
             for w in range(len(workers.busy_s)):
                 events.append({"name": "process_name", "ph": "M", "pid": w + 1, "args": {"name": f"worker {w}"}})
-            for w, epoch, batch_no, started, done in workers.spans:
+            for w, epoch, batch_no, started, done in workers.spans or ():
+                w, epoch, batch_no = int(w), int(epoch), int(batch_no)
                 events.append({"name": f"batch {batch_no}", "ph": "X", "pid": w + 1, "tid": 0, "ts": us(started),
                                "dur": us(done) - us(started), "cat": "worker",
                                "args": {"epoch": epoch, "batch": batch_no}})
