@@ -136,17 +136,18 @@ def test_stats_keep_the_latest_batches_and_epochs(monkeypatch):
     monkeypatch.setattr(nostall._stats, "_TIMELINE_LIMIT", 4_096)
     monkeypatch.setattr(nostall._stats, "_EPOCHS_KEPT", 4)
     with nostall.DataLoader(Tiny(), batch_size=1, num_workers=2, persistent_workers=True, worker_type="thread") as loader:
-        assert _growth(loader) < 200_000
+        assert _growth(loader, 5 * 1024, 20 * 1024) < 200_000  # (whole chunks of 1,024 records at both)
         stats = loader.stats
         # 4 finished epochs kept, then epoch 19 (its last batch taken, StopIteration not yet asked for)
-        assert [e.number for e in stats.epochs] == [15, 16, 17, 18, 19] and not stats.epochs[-1].complete
-        assert stats.batches == 20_000 and stats.time_to_first_batch_s is not None
-        assert 4_096 <= len(loader._recorder.timeline) <= 4_096 + 2_048
+        assert [e.number for e in stats.epochs] == [16, 17, 18, 19, 20] and not stats.epochs[-1].complete
+        assert stats.batches == 20 * 1024 and stats.time_to_first_batch_s is not None
+        assert 4_096 <= len(loader._recorder.timeline) <= 4_096 + 2 * 1_024
 
 
 def test_ring_holds_the_latest_records_in_a_few_megabytes():
     """The default trace capacity: 60,000 batches of loop and worker records stay
-    within ~3.3 MB (64 bytes a batch) and iterate oldest first."""
+    within ~3.5 MB (64 bytes a batch packed, and up to a chunk of tuples) and iterate
+    oldest first."""
     import tracemalloc
 
     from nostall._stats import _TIMELINE_LIMIT, _Ring
@@ -155,15 +156,15 @@ def test_ring_holds_the_latest_records_in_a_few_megabytes():
     try:
         loop, spans = _Ring(3, _TIMELINE_LIMIT), _Ring(5, _TIMELINE_LIMIT)
         for i in range(60_000):
-            loop.append(0, i, i + 0.5)
-            spans.append(1, 0, i, i, i + 0.25)
+            loop.append((0, i, i + 0.5))
+            spans.append((1, 0, i, i, i + 0.25))
         size, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert size < (_TIMELINE_LIMIT + _Ring._CHUNK) * 64 * 1.05 < 3.5 * 2**20
+    assert size < (_TIMELINE_LIMIT + _Ring.CHUNK) * 64 * 1.05 + _Ring.CHUNK * 400 < 4 * 2**20
     got = list(loop)
-    assert _TIMELINE_LIMIT <= len(got) == len(loop) <= _TIMELINE_LIMIT + _Ring._CHUNK
-    assert got[-1] == (0.0, 59_999.0, 59_999.5) == loop[-1]
+    assert _TIMELINE_LIMIT <= len(got) == len(loop) <= _TIMELINE_LIMIT + 2 * _Ring.CHUNK
+    assert tuple(map(float, got[-1])) == (0.0, 59_999.0, 59_999.5) == tuple(map(float, loop[-1]))
     assert [t[1] for t in got] == list(range(60_000 - len(got), 60_000))
 
 

@@ -16,7 +16,7 @@ timeline per batch (about a microsecond; see BENCHMARKS.md).
 
 Memory is bounded however long the run: the trace keeps the last
 ``_TIMELINE_LIMIT`` batches in compact rings of doubles (24 bytes per batch for the
-loop, 40 for the workers' spans: ~3.2 MB when full, against ~30 MB for the same
+loop, 40 for the workers' spans: ~3.5 MB when full, against ~30 MB for the same
 batches as tuples), and the last ``_EPOCHS_KEPT`` epochs are listed (the totals and
 the time to first batch cover every epoch). Without statistics (``stats=False``)
 nothing is kept per batch or per epoch.
@@ -29,13 +29,14 @@ import logging
 import time
 from array import array
 from collections import deque
+from itertools import chain
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ._memory import ProcessTreeMemory
 
-_TIMELINE_LIMIT = 50_000  # batches kept for the trace (the latest): ~3.2 MB at most (see _Ring)
+_TIMELINE_LIMIT = 50_000  # batches kept for the trace (the latest): ~3.5 MB at most (see _Ring)
 _EPOCHS_KEPT = 1_000  # epochs listed in loader.stats.epochs (the latest)
 _clock = time.monotonic  # the clock worker processes stamp their batches with
 _MEMORY_FIRST_S = 1.0  # when the memory sampler takes its first sample (closing takes one too)
@@ -61,48 +62,53 @@ def batch_len(batch: Any) -> int:
 
 
 class _Ring:
-    """The latest ``capacity`` records of ``width`` numbers each, stored flat in arrays of
-    doubles: 8 bytes a number, where a tuple of floats takes about 30 (measured: the
-    100,000 tuples the trace used to keep took ~30 MB). Chunks of ``_CHUNK`` records
-    are dropped whole, oldest first, so it holds between ``capacity`` and ``capacity``
-    + ``_CHUNK`` records once full. Iterating gives tuples of floats, oldest first."""
+    """The latest ``capacity`` records (tuples of ``width`` numbers), packed into arrays
+    of doubles ``CHUNK`` records at a time: 8 bytes a number, where a tuple of floats
+    takes about 30 (the 100,000 tuples the trace used to keep took ~30 MB). Writers
+    append tuples to ``pending`` (as cheap as a list append: this is the loop's hot
+    path) and call :meth:`pack` when it holds ``CHUNK``. Packed chunks are dropped
+    whole, oldest first: it holds ``capacity`` to ``capacity + 2 CHUNK`` records once
+    full. Iterating gives the records as tuples of floats, oldest first."""
 
-    _CHUNK = 2048
+    CHUNK = 1024
 
-    __slots__ = ("_width", "_chunks", "_last", "_size")
+    __slots__ = ("pending", "_chunks", "_width")
 
     def __init__(self, width: int, capacity: int) -> None:
         self._width = width
-        self._size = self._CHUNK * width  # numbers per chunk
-        self._chunks: deque = deque(maxlen=max(1, -(-capacity // self._CHUNK)) + 1)
-        self._last = None
+        self._chunks: deque = deque(maxlen=max(1, -(-capacity // self.CHUNK)))
+        self.pending: list = []
 
-    def append(self, *values: float) -> None:
-        """Add one record of ``width`` numbers."""
-        last = self._last
-        if last is None or len(last) >= self._size:
-            last = self._last = array("d")
-            self._chunks.append(last)
-        last.extend(values)
+    def append(self, record: tuple) -> None:
+        """Add one record (hot paths inline this: append to ``pending``, then pack)."""
+        self.pending.append(record)
+        if len(self.pending) >= self.CHUNK:
+            self.pack()
+
+    def pack(self) -> None:
+        """Move the pending records into a packed chunk."""
+        self._chunks.append(array("d", chain.from_iterable(self.pending)))
+        self.pending = []
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self._chunks) // self._width
+        return sum(len(c) for c in self._chunks) // self._width + len(self.pending)
 
     def __bool__(self) -> bool:
-        return self._last is not None
+        return bool(self.pending or self._chunks)
 
     def __iter__(self):
         w = self._width
-        for chunk in self._chunks:
+        for chunk in list(self._chunks):
             for i in range(0, len(chunk), w):
                 yield tuple(chunk[i:i + w])
+        yield from list(self.pending)
 
     def __getitem__(self, i: int) -> tuple:
-        """Only the last record (``ring[-1]``) and the first (``ring[0]``) are needed."""
-        if i == -1 and self._last:
-            return tuple(self._last[-self._width:])
-        if i == 0 and self._chunks:
-            return tuple(self._chunks[0][:self._width])
+        """Only the first record (``ring[0]``) and the last (``ring[-1]``) are needed."""
+        if i == -1 and (self.pending or self._chunks):
+            return self.pending[-1] if self.pending else tuple(self._chunks[-1][-self._width:])
+        if i == 0 and (self.pending or self._chunks):
+            return tuple(self._chunks[0][:self._width]) if self._chunks else self.pending[0]
         raise IndexError(i)
 
 
@@ -159,8 +165,11 @@ class WorkerLog:
         """A worker finished a batch (its own time stamps)."""
         self.busy_s[worker_id] += done - started
         self.batches[worker_id] += 1
-        if self.spans is not None:
-            self.spans.append(worker_id, epoch, batch_no, started, done)
+        spans = self.spans
+        if spans is not None:
+            spans.pending.append((worker_id, epoch, batch_no, started, done))
+            if len(spans.pending) >= _Ring.CHUNK:
+                spans.pack()
 
     def delivered(self, in_flight: int) -> None:
         """A batch was handed to the loop while ``in_flight`` batches were in the window."""
@@ -227,7 +236,10 @@ class Recorder:
         self._last_return = returned
         self._batches += 1
         self._samples += batch_len(batch)
-        self.timeline.append(self._number, called, returned)
+        pending = self.timeline.pending
+        pending.append((self._number, called, returned))
+        if len(pending) >= _Ring.CHUNK:
+            self.timeline.pack()
         if self.log_every and self._batches % self.log_every == 0:
             self._log_line()
 
