@@ -217,8 +217,8 @@ def test_too_many_skipped_samples_raise():
     with pytest.raises(RuntimeError) as err:
         list(loader)
     text = str(err.value)
-    assert "of its 100 samples failed and were skipped, more than max_skipped_fraction=0.05 (5 samples)" in text
-    assert "index 0: ValueError: sample 0 is corrupt" in text
+    assert "6 samples failed and were skipped; max_skipped_fraction=0.05 allows 5 of this epoch's 100 samples" in text
+    assert "First error, sample index 0 (batch 0): ValueError: sample 0 is corrupt" in text
     loader.close()
 
 

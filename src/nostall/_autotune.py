@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 log = logging.getLogger("nostall")
@@ -51,6 +52,7 @@ COMPUTES = 0.3  # a worker whose CPU seconds are this share of its seconds per b
 COST_CHANGE = 1.6  # a batch this many times costlier (or cheaper) than when limits were learnt
 CHANGED_UNDER = 1.25  # a change is judged only if a batch's cost moved less than this meanwhile
 RETRY_PERIODS = 5  # periods of waiting at a learnt ceiling before trying above it again
+DECISIONS_KEPT = 1_000  # changes kept for loader.stats.tuner (the latest): a workload that keeps changing
 
 
 @dataclass
@@ -74,7 +76,7 @@ class AutoTuner:
     prefetch: int = 2
     tune_workers: bool = True
     tune_prefetch: bool = True
-    decisions: list = field(default_factory=list)
+    decisions: deque = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))  # the latest changes
     _started: float = field(default_factory=time.monotonic)
     period_start: float = 0.0  # when the current control period began (monotonic s)
     _wait: float = 0.0

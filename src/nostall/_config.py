@@ -28,7 +28,13 @@ class PoolConfig:
     is reported with the worker's stack; then the worker is restarted or the
     loader raises (``on_hang``). A sample whose ``__getitem__`` raises is raised in
     the loop (``on_sample_error="raise"``) or left out of its batch ("skip"),
-    until more than ``max_skipped_fraction`` of an epoch's samples were left out.
+    while the epoch's skipped samples are at most ``max_skipped_fraction`` x its
+    samples (floor: 0.01 of 64 samples allows none). They are counted as their
+    batch is delivered, so every batch before the one that goes over the limit
+    reaches the loop first. An epoch of unknown length (a batch sampler without
+    ``len``) is counted against the samples read so far (at least 1,000) and, at
+    its end, its total. Skipping needs a map-style dataset: an iterable dataset's
+    iterator cannot go on after it raised, so its errors raise.
 
     ``max_inflight_bytes`` also bounds the window in bytes: once a batch's size is
     known, at most ``max_inflight_bytes // batch bytes`` batches are in flight (at

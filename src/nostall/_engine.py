@@ -140,6 +140,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._arrivals: list = []  # keys in arrival order, for in_order=False
         self._sched = Scheduler(0)
         self.worker_log: WorkerLog | None = None  # for loader.stats
+        self.keep_spans = False  # keep each batch's span for the trace (set by a loader with stats on)
         self._worker_dstate: dict[int, dict] = {}
         self._current: EpochPlan | None = None
         self._deliver_no = 0
@@ -148,9 +149,12 @@ class Engine(Resuming, FaultHandling, Tuning):
         self._skipped: set = set()
         self._last_done: dict[int, float] = {}  # worker -> when it last finished a batch
         self.supervisor = Supervisor(config)
+        # on_sample_error="skip": samples are counted against the limit as their batch is delivered
+        # (an iterable dataset's stream cannot go on after its iterator raised: its errors raise).
+        self._skipping = config.on_sample_error == "skip" and not planner.iterable
         self._shm_checked = False
         self._epoch_over = False  # the current epoch raised StopIteration
-        self._delivered: set = set()  # batch numbers delivered this epoch (in_order=False)
+        self._delivered: set = set()  # in_order=False: batches delivered after the prefix (see _mark_delivered)
         self._resume = None  # the loaded state, applied by the next begin_epoch
         self._prefix = 0  # in_order=False: batches 0.._prefix-1 are all delivered (see _delivered_prefix)
         self._streams: Streams | None = None  # iterable datasets: each worker's position (for resume)
@@ -199,7 +203,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._skip_delivered(plan, resume)
         self._epoch_samples = self.planner.epoch_samples()
         if self.worker_log is None:
-            self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor)
+            self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor,
+                                        spans=self.keep_spans)
         started = False
         if self.config.num_workers == 0:
             if self._inline is None:
@@ -280,6 +285,8 @@ class Engine(Resuming, FaultHandling, Tuning):
                 self._epoch_over = True
                 if not self.config.persistent:
                     self._close_pool()
+                if self._skipping and self._epoch_samples is None:
+                    self.supervisor.epoch_ended(plan)
                 raise StopIteration
             arrived = self._poll(plan)
             for worker_id, result in arrived:
@@ -318,6 +325,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             item = self.planner.pull(plan)
             if item is None:
                 self._epoch_over = True
+                if self._skipping and self._epoch_samples is None:
+                    self.supervisor.epoch_ended(plan)
                 raise StopIteration
             batch_no, indices = item
             if batch_no in plan.skip:
@@ -327,8 +336,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             if result.kind == "stop":
                 plan.exhausted = True
                 raise StopIteration
-            if result.skipped:
-                self.supervisor.record_skipped(plan, batch_no, result.skipped, self._epoch_samples)
+            if self._skipping:
+                self.supervisor.count_skipped(plan, batch_no, result, self._epoch_samples)
             if result.kind == "empty":
                 continue
             if self._streams is not None:
@@ -348,10 +357,13 @@ class Engine(Resuming, FaultHandling, Tuning):
             for i, key in enumerate(self._arrivals):
                 if key[0] == plan.serial:
                     del self._arrivals[i]
-                    self._delivered.add(key[1])
+                    self._mark_delivered(key[1])
                     if self._streams is not None or plan.sampler_states is not None:
                         self._track_delivery(plan, key)
-                    return self._ready.pop(key)
+                    result = self._ready.pop(key)
+                    if self._skipping:  # counted as delivered: the batches before are out already
+                        self.supervisor.count_skipped(plan, key[1], result, self._epoch_samples)
+                    return result
             return None
         while self._deliver_no in self._skipped:
             self._skipped.discard(self._deliver_no)
@@ -361,6 +373,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._deliver_no += 1
             if self._streams is not None or plan.sampler_states is not None:
                 self._track_delivery(plan, (plan.serial, self._deliver_no - 1))
+            if self._skipping:  # counted in delivery order: the batches before are out already
+                self.supervisor.count_skipped(plan, self._deliver_no - 1, result, self._epoch_samples)
         return result
 
     def _deliver(self, result: Result):
@@ -475,9 +489,6 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._skipped.add(task.batch_no)
             self._streams.stopped(worker_id, task.batch_no)
             return
-        if result.skipped:
-            samples = self._epoch_samples if task.plan is self._current else self.planner.epoch_samples()
-            self.supervisor.record_skipped(task.plan, task.batch_no, result.skipped, samples)
         if result.note.startswith("shm-full: "):
             self._go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
                                f"({result.note[len('shm-full: '):]}; {self._shm_text()})")

@@ -110,7 +110,7 @@ class FaultHandling:
         sup = self.supervisor
         warnings.warn(
             f"{cause.rstrip('.')}. nostall started a new worker in its place"
-            f"{' (and a new worker factory)' if exit.factory is not None else ''} (restart {len(sup.restarts)}; "
+            f"{' (and a new worker factory)' if exit.factory is not None else ''} (restart {sup.restart_count}; "
             f"{sup.in_a_row} failure(s) in a row with no batch delivered, at most max_worker_restarts="
             f"{self.config.max_restarts}) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
             "same batches." + (" If that batch ends a worker again, the loader stops and names it." if what else ""),
@@ -143,6 +143,8 @@ class FaultHandling:
         stack; then restart that worker or raise (``on_hang``)."""
         if not self._inflight:
             return
+        if self.supervisor.reported:  # only tasks still in flight can be reported again
+            self.supervisor.reported.intersection_update(self._inflight)
         now = time.monotonic()
         threshold, how = self.supervisor.hang_threshold(self._sched.costs())
         oldest: dict[int, tuple] = {}

@@ -29,11 +29,26 @@ class Resuming:
             upto = self._deliver_no if self.config.in_order else self._delivered_prefix(plan)
             plan.forget_before(upto - 1)
 
+    def _mark_delivered(self, batch_no: int) -> None:
+        """in_order=False: batch ``batch_no`` was delivered. The ledger is a prefix (batches
+        0.._prefix-1 all delivered) and the sparse set of those delivered after a gap, so it
+        stays as small as the batches delivered out of order, not the epoch."""
+        if batch_no != self._prefix:
+            self._delivered.add(batch_no)
+            return
+        self._prefix += 1
+        delivered = self._delivered
+        while delivered and self._prefix in delivered:
+            delivered.remove(self._prefix)
+            self._prefix += 1
+
+    def _delivered_list(self) -> list:
+        """in_order=False: every batch number delivered this epoch, in order."""
+        return [*range(self._prefix), *sorted(self._delivered)]
+
     def _delivered_prefix(self, plan: EpochPlan) -> int:
         """in_order=False: n such that batches 0..n-1 are all delivered and the sampler
         state after batch n-1 is known (drawn in this run, or the one loaded)."""
-        while self._prefix in self._delivered:
-            self._prefix += 1
         return min(self._prefix, plan.next_batch_no)
 
     def state_dict(self) -> dict:
@@ -49,7 +64,7 @@ class Resuming:
         elif self.config.in_order:
             delivered = upto = self._deliver_no
         else:
-            delivered = sorted(self._delivered)
+            delivered = self._delivered_list()
             upto = self._delivered_prefix(plan)  # a stateful sampler is saved after this prefix
         count = delivered if isinstance(delivered, int) else len(delivered)
         if count == self.planner.epoch_batches():  # all delivered; the loop just did not ask again
@@ -91,7 +106,11 @@ class Resuming:
         """Start the resumed ``plan`` after the batches delivered before the save."""
         delivered, sampler = state["delivered"], state["sampler"]
         if not self.config.in_order:  # a later save lists them too
-            self._delivered = set(range(delivered)) if isinstance(delivered, int) else set(delivered)
+            if isinstance(delivered, int):
+                self._prefix = delivered
+            else:
+                for batch_no in sorted(delivered):
+                    self._mark_delivered(batch_no)
         if self.planner.iterable:
             # Each worker's stream resumes by itself (_begin_streams); batch numbers, which
             # seed the batches, go on from the saved ones.

@@ -287,6 +287,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         )
         engine = Engine(cfg, planner, spec, self._ctx, pin_device)
         if self._recorder is not None:
+            engine.keep_spans = True  # with stats=False nothing is kept per batch
             self._recorder.workers = lambda: engine.worker_log  # not the loader: GC must still reach it
         self._finalizer = weakref.finalize(self, _release, engine, self._recorder)
         return engine

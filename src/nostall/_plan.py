@@ -271,10 +271,15 @@ class Planner:
             return None
         loader = self._loader
         try:
-            if loader.batch_sampler is not None:
-                batches = len(loader.batch_sampler)
-                return batches * loader.batch_size if loader.batch_size else len(loader.batch_sampler.sampler)
-            return len(loader.sampler)
+            batch_sampler = loader.batch_sampler
+            if batch_sampler is None:
+                return len(loader.sampler)
+            if isinstance(batch_sampler, BatchSampler):  # the last batch may be short, or dropped
+                samples, size = len(batch_sampler.sampler), batch_sampler.batch_size
+                return samples - samples % size if batch_sampler.drop_last else samples
+            if loader.batch_size:
+                return len(batch_sampler) * loader.batch_size
+            return len(batch_sampler.sampler)
         except (TypeError, AttributeError):
             return None
 

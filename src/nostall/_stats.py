@@ -13,6 +13,13 @@ within 0.5% of a core.
 
 Cost on the loop: two clock reads, a few additions and one append to a bounded
 timeline per batch (about a microsecond; see BENCHMARKS.md).
+
+Memory is bounded however long the run: the trace keeps the last
+``_TIMELINE_LIMIT`` batches in compact rings of doubles (24 bytes per batch for the
+loop, 40 for the workers' spans: ~3.5 MB when full, against ~30 MB for the same
+batches as tuples), and the last ``_EPOCHS_KEPT`` epochs are listed (the totals and
+the time to first batch cover every epoch). Without statistics (``stats=False``)
+nothing is kept per batch or per epoch.
 """
 
 from __future__ import annotations
@@ -20,14 +27,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from array import array
 from collections import deque
+from itertools import chain
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ._memory import ProcessTreeMemory
 
-_TIMELINE_LIMIT = 100_000  # batches kept for the trace: a few MB at most
+_TIMELINE_LIMIT = 50_000  # batches kept for the trace (the latest): ~3.5 MB at most (see _Ring)
+_EPOCHS_KEPT = 1_000  # epochs listed in loader.stats.epochs (the latest)
 _clock = time.monotonic  # the clock worker processes stamp their batches with
 _MEMORY_FIRST_S = 1.0  # when the memory sampler takes its first sample (closing takes one too)
 
@@ -49,6 +59,57 @@ def batch_len(batch: Any) -> int:
         return len(batch)
     except TypeError:
         return 1
+
+
+class _Ring:
+    """The latest ``capacity`` records (tuples of ``width`` numbers), packed into arrays
+    of doubles ``CHUNK`` records at a time: 8 bytes a number, where a tuple of floats
+    takes about 30 (the 100,000 tuples the trace used to keep took ~30 MB). Writers
+    append tuples to ``pending`` (as cheap as a list append: this is the loop's hot
+    path) and call :meth:`pack` when it holds ``CHUNK``. Packed chunks are dropped
+    whole, oldest first: it holds ``capacity`` to ``capacity + 2 CHUNK`` records once
+    full. Iterating gives the records as tuples of floats, oldest first."""
+
+    CHUNK = 1024
+
+    __slots__ = ("pending", "_chunks", "_width")
+
+    def __init__(self, width: int, capacity: int) -> None:
+        self._width = width
+        self._chunks: deque = deque(maxlen=max(1, -(-capacity // self.CHUNK)))
+        self.pending: list = []
+
+    def append(self, record: tuple) -> None:
+        """Add one record (hot paths inline this: append to ``pending``, then pack)."""
+        self.pending.append(record)
+        if len(self.pending) >= self.CHUNK:
+            self.pack()
+
+    def pack(self) -> None:
+        """Move the pending records into a packed chunk."""
+        self._chunks.append(array("d", chain.from_iterable(self.pending)))
+        self.pending = []
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks) // self._width + len(self.pending)
+
+    def __bool__(self) -> bool:
+        return bool(self.pending or self._chunks)
+
+    def __iter__(self):
+        w = self._width
+        for chunk in list(self._chunks):
+            for i in range(0, len(chunk), w):
+                yield tuple(chunk[i:i + w])
+        yield from list(self.pending)
+
+    def __getitem__(self, i: int) -> tuple:
+        """Only the first record (``ring[0]``) and the last (``ring[-1]``) are needed."""
+        if i == -1 and (self.pending or self._chunks):
+            return self.pending[-1] if self.pending else tuple(self._chunks[-1][-self._width:])
+        if i == 0 and (self.pending or self._chunks):
+            return tuple(self._chunks[0][:self._width]) if self._chunks else self.pending[0]
+        raise IndexError(i)
 
 
 @dataclass(frozen=True)
@@ -86,7 +147,7 @@ class WorkerLog:
     """What the workers did, fed by the loader's engine: busy time per worker,
     batches in flight at each delivery, and each batch's span for the trace."""
 
-    def __init__(self, num_workers: int, window: int, supervisor=None) -> None:
+    def __init__(self, num_workers: int, window: int, supervisor=None, spans: bool = True) -> None:
         self.started = _clock()
         self.supervisor = supervisor  # restarts and skipped samples (``_supervise.Supervisor``)
         self.tuner = None  # num_workers="auto" (``_autotune.AutoTuner``)
@@ -97,13 +158,18 @@ class WorkerLog:
         self.in_flight_sum = 0
         self.in_flight_max = 0
         self.deliveries = 0
-        self.spans: deque = deque(maxlen=_TIMELINE_LIMIT)  # (worker, epoch, batch_no, started, done)
+        # (worker, epoch, batch_no, started, done) for the trace; kept only with statistics on
+        self.spans: _Ring | None = _Ring(5, _TIMELINE_LIMIT) if spans else None
 
     def made(self, worker_id: int, epoch: int, batch_no: int, started: float, done: float) -> None:
         """A worker finished a batch (its own time stamps)."""
         self.busy_s[worker_id] += done - started
         self.batches[worker_id] += 1
-        self.spans.append((worker_id, epoch, batch_no, started, done))
+        spans = self.spans
+        if spans is not None:
+            spans.pending.append((worker_id, epoch, batch_no, started, done))
+            if len(spans.pending) >= _Ring.CHUNK:
+                spans.pack()
 
     def delivered(self, in_flight: int) -> None:
         """A batch was handed to the loop while ``in_flight`` batches were in the window."""
@@ -119,9 +185,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.created = _clock()
-        self.epochs: list[EpochStats] = []
-        self.timeline: deque = deque(maxlen=_TIMELINE_LIMIT)  # (epoch, called, returned)
-        self.marks: list[tuple] = []  # (epoch, iter called, first batch or None, end or None)
+        self.epochs: deque[EpochStats] = deque(maxlen=_EPOCHS_KEPT)  # the latest finished epochs
+        self.epoch_count = 0  # every epoch begun (``epochs`` keeps the latest)
+        self.first_batch_s: float | None = None  # epoch 0's time to first batch (kept when it leaves ``epochs``)
+        self.timeline = _Ring(3, _TIMELINE_LIMIT)  # (epoch, called, returned), the latest batches
+        self.marks: deque = deque(maxlen=_EPOCHS_KEPT)  # [epoch, iter called, first batch or None, end or None]
         self.memory: ProcessTreeMemory | None = None
         self.workers: Callable[[], WorkerLog | None] = lambda: None
         self.log_every = 0
@@ -148,7 +216,8 @@ class Recorder:
             self._close_epoch(complete=False, end=None)
         if self.memory is None:
             self._start_memory()
-        self._reset_epoch(len(self.epochs), iter_called)
+        self._reset_epoch(self.epoch_count, iter_called)
+        self.epoch_count += 1
         self._wait = iter_returned - iter_called
         self._open = True
         self.marks.append([self._number, iter_called, None, None])
@@ -160,12 +229,17 @@ class Recorder:
         else:
             origin = self.created if self._number == 0 else self._iter_called
             self._start = returned - origin
+            if self._number == 0:
+                self.first_batch_s = self._start
             self.marks[-1][2] = returned
         self._wait += returned - called
         self._last_return = returned
         self._batches += 1
         self._samples += batch_len(batch)
-        self.timeline.append((self._number, called, returned))
+        pending = self.timeline.pending
+        pending.append((self._number, called, returned))
+        if len(pending) >= _Ring.CHUNK:
+            self.timeline.pack()
         if self.log_every and self._batches % self.log_every == 0:
             self._log_line()
 
@@ -222,8 +296,8 @@ class Recorder:
 
     # -- read by LoaderStats ---------------------------------------------------
     def all_epochs(self) -> list[EpochStats]:
-        """Finished epochs, then the one in progress (if any)."""
-        return self.epochs + ([self._snapshot(False)] if self._open else [])
+        """The latest finished epochs (at most ``_EPOCHS_KEPT``), then the one in progress (if any)."""
+        return [*self.epochs] + ([self._snapshot(False)] if self._open else [])
 
     def current_waiting_fraction(self) -> float:
         """Waiting fraction of the epoch in progress (of the last one between epochs)."""
@@ -284,7 +358,8 @@ class LoaderStats:
     # -- the loop --------------------------------------------------------------
     @property
     def epochs(self) -> list[EpochStats]:
-        """Every epoch so far; the last one may be in progress (``complete=False``)."""
+        """Every epoch so far, the latest 1,000 of a longer run (each has its ``number``);
+        the last one may be in progress (``complete=False``)."""
         return self._rec.all_epochs()
 
     @property
@@ -316,13 +391,13 @@ class LoaderStats:
     @property
     def time_to_first_batch_s(self) -> float | None:
         """From the loader's construction to its first batch."""
-        epochs = self.epochs
-        return epochs[0].start_s if epochs else None
+        return self._rec.first_batch_s
 
     @property
     def pauses_s(self) -> list[float]:
-        """Each pause between epochs: from ``iter()`` to the epoch's first batch."""
-        return [e.start_s for e in self.epochs[1:] if e.start_s is not None]
+        """Each pause between epochs: from ``iter()`` to the epoch's first batch (of the
+        epochs listed in ``epochs``)."""
+        return [e.start_s for e in self.epochs if e.number > 0 and e.start_s is not None]
 
     @property
     def samples_per_s(self) -> float:
@@ -359,13 +434,15 @@ class LoaderStats:
 
     @property
     def restarts(self) -> list[str]:
-        """What happened to each worker nostall replaced (crashed, killed, hung)."""
+        """What happened to each worker nostall replaced (crashed, killed, hung); the
+        latest 1,000 (``str(stats)`` gives the total)."""
         workers = self._rec.workers()
         return list(workers.supervisor.restarts) if workers is not None and workers.supervisor else []
 
     @property
     def skipped(self) -> list[dict]:
-        """Samples left out under ``on_sample_error="skip"``: epoch, batch, index, error."""
+        """Samples left out under ``on_sample_error="skip"``: epoch, batch, index, error
+        (the latest 10,000; ``str(stats)`` gives the total)."""
         workers = self._rec.workers()
         if workers is None or workers.supervisor is None:
             return []
@@ -448,10 +525,12 @@ class LoaderStats:
             lines.append(f"auto: {last['workers']} workers, prefetch {last['prefetch']} after "
                          f"{len(self.tuner)} change(s); last: {last['reason']}")
         if self.restarts:
-            lines.append(f"worker restarts: {len(self.restarts)}; last: {self.restarts[-1]}")
+            lines.append(f"worker restarts: {self._rec.workers().supervisor.restart_count}; "
+                         f"last: {self.restarts[-1]}")
         if self.skipped:
-            lines.append(f"samples skipped: {len(self.skipped)}; first: index {self.skipped[0]['index']} "
-                         f"({self.skipped[0]['error']})")
+            workers = self._rec.workers()
+            lines.append(f"samples skipped: {workers.supervisor.skipped_total}; first kept: index "
+                         f"{self.skipped[0]['index']} ({self.skipped[0]['error']})")
         if self.peak_memory_mb is not None:
             lines.append(f"peak memory ({self.memory_metric.upper()}, process tree): {self.peak_memory_mb:.0f} MB")
         return "\n".join(lines)
@@ -477,13 +556,17 @@ class LoaderStats:
         ]
         last_return = None
         for epoch, called, returned in rec.timeline:
+            epoch = int(epoch)
             if last_return is not None and last_return[0] == epoch:
                 events.append({"name": "step", "ph": "X", "pid": 0, "tid": 0, "ts": us(last_return[1]),
                                "dur": us(called) - us(last_return[1]), "cat": "loop"})
             events.append({"name": "wait", "ph": "X", "pid": 0, "tid": 0, "ts": us(called),
                            "dur": us(returned) - us(called), "cat": "loop", "args": {"epoch": epoch}})
             last_return = (epoch, returned)
+        kept_from = rec.timeline[0][1] if rec.timeline else None  # epochs before the kept batches are left out
         for number, began, first, end in rec.marks:
+            if kept_from is not None and end is not None and end < kept_from:
+                continue
             stop = end if end is not None else (rec.timeline[-1][2] if rec.timeline else began)
             events.append({"name": f"epoch {number}", "ph": "X", "pid": 0, "tid": 1, "ts": us(began),
                            "dur": max(0.0, us(stop) - us(began)), "cat": "epoch"})
@@ -496,7 +579,8 @@ class LoaderStats:
         if workers is not None:
             for w in range(len(workers.busy_s)):
                 events.append({"name": "process_name", "ph": "M", "pid": w + 1, "args": {"name": f"worker {w}"}})
-            for w, epoch, batch_no, started, done in workers.spans:
+            for w, epoch, batch_no, started, done in workers.spans or ():
+                w, epoch, batch_no = int(w), int(epoch), int(batch_no)
                 events.append({"name": f"batch {batch_no}", "ph": "X", "pid": w + 1, "tid": 0, "ts": us(started),
                                "dur": us(done) - us(started), "cat": "worker",
                                "args": {"epoch": epoch, "batch": batch_no}})

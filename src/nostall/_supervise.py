@@ -8,17 +8,25 @@ happened, where (worker, pid, sample indices) and what to do.
 
 from __future__ import annotations
 
+import math
 import signal
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from . import _diagnose
 from ._config import PoolConfig
+from ._stats import batch_len
 
 AUTO_HANG_FLOOR_S = 30.0  # an automatic threshold never goes below this
 AUTO_HANG_FACTOR = 20.0  # ... and is this many median batches
 AUTO_HANG_UNKNOWN_S = 120.0  # before any batch finished (first batches may open files, warm caches)
 
+
+STREAM_BASE = 1000  # an epoch of unknown length: skipped samples are counted against at least this many
+SKIPPED_KEPT = 10_000  # the most recent skipped samples kept for loader.stats.skipped
+RESTARTS_KEPT = 1_000  # the most recent restarts kept for loader.stats.restarts
+STRIKES_KEPT = 1_000  # batches whose worker died, remembered to recognise a poison batch
 
 POISON_STRIKES = 2  # a batch whose worker died this many times while making it is not tried again
 
@@ -50,12 +58,17 @@ class Supervisor:
     """Counts and thresholds for one loader's workers."""
 
     config: PoolConfig
-    restarts: list = field(default_factory=list)  # what happened, one line per restart
+    restarts: deque = field(default_factory=lambda: deque(maxlen=RESTARTS_KEPT))  # one line per restart, latest
+    restart_count: int = 0  # every restart (``restarts`` keeps the latest)
     oom_baseline: int | None = None
     hung: dict = field(default_factory=dict)  # worker id -> message, for workers nostall killed
     reported: set = field(default_factory=set)  # task ids already reported as hung
-    skipped: list = field(default_factory=list)  # (epoch, batch, index, error)
-    _skip_counts: dict = field(default_factory=dict)  # plan serial -> samples skipped
+    skipped: deque = field(default_factory=lambda: deque(maxlen=SKIPPED_KEPT))  # (epoch, batch, index, error), latest
+    skipped_total: int = 0  # every skipped sample (``skipped`` keeps the latest)
+    _skip_serial: int = -1  # the plan whose skipped samples are counted below
+    _epoch_skipped: list = field(default_factory=list)  # its skipped sample indices (at most the limit + a batch)
+    _epoch_read: int = 0  # its samples read so far (counted only when its length is unknown)
+    _first_error: tuple | None = None  # its first failure: (batch, index, error)
     excused: int = 0  # deaths not counted against max_restarts
     in_a_row: int = 0  # failures since a batch was last delivered
     _delivered_at_failure: int = -1  # batches delivered when the last failure was counted
@@ -86,6 +99,7 @@ class Supervisor:
         Up to one death per worker from a full /dev/shm (before nostall switched to
         pipes) is excused."""
         self.restarts.append(cause)
+        self.restart_count += 1
         if excused and self.excused < self.config.num_workers:
             self.excused += 1
             return True
@@ -107,6 +121,8 @@ class Supervisor:
     def strike(self, key: tuple, cause: str) -> list:
         """Record that a worker died (or hung) while making batch ``key``; return the
         causes of that batch's earlier deaths."""
+        if key not in self.strikes and len(self.strikes) >= STRIKES_KEPT:
+            del self.strikes[next(iter(self.strikes))]  # the oldest: a poison batch strikes again soon
         earlier = self.strikes.setdefault(key, [])
         before = list(earlier)
         earlier.append(cause)
@@ -152,17 +168,74 @@ class Supervisor:
         return f"{worker} has been making {what} for {elapsed:.1f} s ({threshold}).{stack_text}"
 
     # -- skipped samples -------------------------------------------------------------
-    def record_skipped(self, plan, batch_no: int, skipped: tuple, epoch_samples: int | None) -> None:
-        """Add a batch's skipped samples; raise :class:`SkippedTooMany` over the limit."""
+    def count_skipped(self, plan, batch_no: int, result, epoch_samples: int | None) -> None:
+        """A batch reaches the loop (counted in delivery order, so every batch before the
+        one that goes over the limit is delivered first): add its skipped samples and
+        raise :class:`SkippedTooMany` when the epoch's count is over the limit.
+
+        The limit: skipping goes on while skipped <= ``max_skipped_fraction`` x the
+        epoch's samples (64 samples at 0.01 allow none). An epoch of unknown length (a
+        batch sampler without ``len``) counts the samples read so far instead, at least
+        ``STREAM_BASE`` of them (so a job is not stopped by its first few failures), and
+        the exact total at its end (:meth:`epoch_ended`)."""
+        if plan.serial != self._skip_serial:
+            self._skip_serial, self._epoch_skipped, self._epoch_read, self._first_error = plan.serial, [], 0, None
+        skipped = result.skipped
+        if epoch_samples is None:  # only then is the number of samples read needed
+            self._epoch_read += len(skipped) + (batch_len(result.payload) if result.kind == "ok" else 0)
+        if not skipped:
+            return
+        if self._first_error is None:
+            self._first_error = (batch_no, *skipped[0])
+        self.skipped_total += len(skipped)
         for index, error in skipped:
             self.skipped.append((plan.number, batch_no, index, error))
-        count = self._skip_counts[plan.serial] = self._skip_counts.get(plan.serial, 0) + len(skipped)
-        limit = self.config.max_skipped_fraction * (epoch_samples or 0)
-        if epoch_samples and count > limit:
-            first = [f"index {i}: {e}" for ep, _, i, e in self.skipped if ep == plan.number][:5]
-            raise SkippedTooMany(
-                f"epoch {plan.number}: {count} of its {epoch_samples} samples failed and were skipped, "
-                f"more than max_skipped_fraction={self.config.max_skipped_fraction:g} "
-                f"({limit:.0f} samples). First failures: " + "; ".join(first) + ". Fix those samples "
-                "(loader.stats.skipped lists every one) or raise max_skipped_fraction."
-            )
+            self._epoch_skipped.append(index)
+        base = epoch_samples if epoch_samples is not None else max(self._epoch_read, STREAM_BASE)
+        self._check_skipped(plan, batch_no, base, epoch_samples is not None)
+
+    def epoch_ended(self, plan) -> None:
+        """The end of an epoch of unknown length: check its count against its total."""
+        if plan.serial == self._skip_serial and self._epoch_skipped:
+            self._check_skipped(plan, None, self._epoch_read, True, ended=True)
+
+    def _check_skipped(self, plan, batch_no, base: int, known: bool, ended: bool = False) -> None:
+        count, fraction = len(self._epoch_skipped), self.config.max_skipped_fraction
+        allowed = allowed_skips(fraction, base)
+        if count <= allowed:
+            return
+        shown = self._epoch_skipped[:20]
+        more = f" and {count - len(shown)} more" if count > len(shown) else ""
+        where, index, error = self._first_error
+        if known and not ended:
+            limit = f"max_skipped_fraction={fraction:g} allows {allowed} of this epoch's {base} samples"
+        elif ended:
+            limit = (f"max_skipped_fraction={fraction:g} allows {allowed} of the {base} samples this epoch "
+                     "held (its length was not known in advance)")
+        else:
+            limit = (f"max_skipped_fraction={fraction:g} allows {allowed} of the {self._epoch_read} samples read so "
+                     f"far (the epoch's length is unknown: the fraction applies to the samples read so far, "
+                     f"counted as at least {STREAM_BASE:,})")
+        if ended:
+            delivered = "Every batch of the epoch was delivered, without its failing samples."
+        elif self.config.in_order:
+            delivered = (f"Every batch before batch {batch_no} was delivered, without its failing samples; "
+                         f"batch {batch_no} and the rest of the epoch were not.")
+        else:
+            delivered = (f"The batches that arrived before batch {batch_no} were delivered (in_order=False), "
+                         f"without their failing samples; batch {batch_no} and the rest were not.")
+        need = count / base if base else 1.0
+        these = "this one" if count == 1 else f"these {count}"
+        raise SkippedTooMany(
+            f"epoch {plan.number}: {count} sample{'s' if count != 1 else ''} failed and "
+            f"{'were' if count != 1 else 'was'} skipped; {limit} (skipping goes on while skipped <= fraction x "
+            f"samples). Skipped sample indices: {shown}{more}. First error, sample index {index} (batch {where}): "
+            f"{error}. {delivered} Fix those samples (loader.stats.skipped lists them) or raise "
+            f"max_skipped_fraction ({need:.3g} or more allows {these})."
+        )
+
+
+def allowed_skips(fraction: float, samples: int) -> int:
+    """Samples an epoch of ``samples`` may skip: floor(fraction x samples), with a little
+    room for binary fractions (0.29 x 100 is 28.999999999999996 in floating point)."""
+    return math.floor(fraction * samples + 1e-9)
