@@ -58,7 +58,7 @@ class PoolConfig:
         """The window for ``workers`` active workers with ``prefetch`` (default: the
         configured ones), also bounded by ``max_inflight_bytes`` for batches of ``batch_bytes``."""
         workers = self.num_workers if workers is None else workers
-        window = max(1, workers * (self.prefetch_factor if prefetch is None else prefetch))
+        window = _by_count(workers, self.prefetch_factor if prefetch is None else prefetch)
         if self.max_inflight_bytes is None:
             return window
         if batch_bytes <= 0:
@@ -67,5 +67,10 @@ class PoolConfig:
 
     @property
     def window(self) -> int:
-        """Most batches in flight (at least 1, so prefetch_factor=0 still makes progress)."""
-        return max(1, self.num_workers * self.prefetch_factor)
+        """Most batches in flight by count alone, for the configured workers and prefetch."""
+        return _by_count(self.num_workers, self.prefetch_factor)
+
+
+def _by_count(workers: int, prefetch: int) -> int:
+    """``workers * prefetch`` batches in flight, at least 1 (so prefetch_factor=0 still makes progress)."""
+    return max(1, workers * prefetch)

@@ -394,7 +394,9 @@ class DataLoader(tud.DataLoader[_T_co]):
         return [] if self._engine is None else self._engine.worker_pids()
 
     def close(self) -> None:
-        """Stop every worker and release its resources. The loader cannot iterate again."""
+        """Stop every worker and release its resources; iterating the loader afterwards raises
+        RuntimeError. A loader closed before its first ``iter()`` has no workers yet: it
+        starts them if it is iterated after all (close it again when done)."""
         if self._finalizer is not None:
             self._finalizer()
         elif self._recorder is not None:
