@@ -33,7 +33,7 @@ from nostall._doctor import (
     check_threads,
     format_report,
 )
-from nostall._loader import _accelerator
+from nostall._torch_versions import accelerator as _accelerator
 
 MB = 1024 * 1024
 

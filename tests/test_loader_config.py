@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -17,23 +18,44 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nostall
-from nostall import _loader_config as lc
+from nostall import _config_command
 from nostall._loader_config import (
     START_METHODS,
     TEMPLATES,
     WORKER_TYPES,
     ConfigError,
     LoaderConfig,
-    build_loader,
     loader_kwargs,
     template,
-    torch_kwargs,
 )
+from nostall._options import OPTIONS
+from nostall._torch_versions import HAS_IN_ORDER
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 KNOWN_KEYS = ("batch_size, shuffle, drop_last, num_workers, prefetch_factor, persistent_workers, "
-              "pin_memory, worker_type, multiprocessing_context, timeout, in_order, "
-              "sync_dataset_attributes")
+              "pin_memory, pin_memory_device, worker_type, multiprocessing_context, timeout, in_order, "
+              "stats, max_worker_restarts, hang_timeout, on_hang, on_sample_error, max_skipped_fraction, "
+              "max_inflight_bytes, sync_dataset_attributes")
+WORKER_TYPE_HINT = (" Use 'thread' for I/O-bound datasets that release the GIL, 'process' otherwise, "
+                    "'auto' to let nostall choose.")
+
+
+def torch_kwargs(config: LoaderConfig) -> dict:
+    """Keyword arguments giving torch's own DataLoader the same behaviour as ``config``.
+
+    nostall's own settings are dropped (torch only has processes; threads make the same
+    batches; torch has no supervision or attribute sync). ``persistent_workers`` is made
+    explicit because nostall's default (persistent when num_workers > 0) is not torch's.
+    With ``persistent_workers`` null, workers > 0 and a shuffling generator, nostall draws
+    torch's base seed every epoch (as torch's transient workers do), torch's persistent
+    workers only once: shuffled orders then agree in the first epoch only.
+    """
+    kw = {k: v for k, v in loader_kwargs(config).items() if OPTIONS[k].owner == "torch"}
+    if config.persistent_workers is None:
+        kw["persistent_workers"] = config.num_workers > 0
+    if not HAS_IN_ORDER:
+        kw.pop("in_order")  # older torch always delivers in order
+    return kw
 
 
 def _error(**kw) -> str:
@@ -86,11 +108,18 @@ def configs(draw) -> LoaderConfig:
         prefetch_factor=draw(st.none() | st.integers(1, 10**4)) if many else None,
         persistent_workers=draw(st.sampled_from([None, False, True] if many else [None, False])),
         pin_memory=draw(st.booleans()),
-        worker_type=draw(st.sampled_from(WORKER_TYPES)),
+        worker_type=draw(st.sampled_from(WORKER_TYPES if many else ("process", "thread"))),
         multiprocessing_context=draw(st.sampled_from((None, *START_METHODS))) if many else None,
         timeout=draw(timeout) if many else 0,
         in_order=draw(st.booleans()),
         sync_dataset_attributes=draw(st.sampled_from([None, False, True])),
+        stats=draw(st.booleans()),
+        max_worker_restarts=draw(st.integers(0, 100)),
+        hang_timeout=draw(st.none() | st.floats(0.001, 1e6) | st.integers(1, 10**6)),
+        on_hang=draw(st.sampled_from(["restart", "raise"])),
+        on_sample_error=draw(st.sampled_from(["raise", "skip"])),
+        max_skipped_fraction=draw(st.floats(0.0, 1.0) | st.sampled_from([0, 1])),
+        max_inflight_bytes=draw(st.none() | st.integers(1, 2**50)),
     )
 
 
@@ -137,8 +166,8 @@ INVALID = [
     ("prefetch_factor", -1, "an int >= 1, 'auto', or null for torch's default (2)"),
     ("persistent_workers", "sometimes", "true, false, or null (true when num_workers > 0)"),
     ("pin_memory", "yes please", "true or false"),
-    ("worker_type", "greenlet", "one of 'process', 'thread'"),
-    ("worker_type", None, "one of 'process', 'thread'"),
+    ("worker_type", "greenlet", "one of 'process', 'thread', 'auto'"),
+    ("worker_type", None, "one of 'process', 'thread', 'auto'"),
     ("multiprocessing_context", "threads",
      "one of 'fork', 'spawn', 'forkserver', or null for the platform's default"),
     ("timeout", -1, "a number of seconds >= 0"),
@@ -146,16 +175,31 @@ INVALID = [
     ("timeout", math.inf, "a number of seconds >= 0"),
     ("timeout", "10s", "a number of seconds >= 0"),
     ("in_order", [True], "true or false"),
+    ("stats", "yes", "true or false"),
+    ("pin_memory_device", None, "a string (torch deprecates it: the current accelerator is used)"),
+    ("max_worker_restarts", -2, "an int >= 0"),
+    ("max_worker_restarts", True, "an int >= 0"),
+    ("hang_timeout", 0, "null (automatic) or a number of seconds > 0"),
+    ("hang_timeout", "30s", "null (automatic) or a number of seconds > 0"),
+    ("on_hang", "ignore", "one of 'restart', 'raise'"),
+    ("on_sample_error", "log", "one of 'raise', 'skip'"),
+    ("max_skipped_fraction", 1.5, "a number from 0 to 1"),
+    ("max_skipped_fraction", False, "a number from 0 to 1"),
+    ("max_inflight_bytes", 0, "null or an int > 0 (bytes)"),
+    ("max_inflight_bytes", 2.0**30, "null or an int > 0 (bytes)"),
+    ("sync_dataset_attributes", "yes",
+     "null (automatic: on for datasets with set_epoch or load_state_dict), true or false"),
 ]
 
 
 @pytest.mark.parametrize("key, value, allowed", INVALID)
 def test_invalid_values_name_key_value_and_allowed_range(key, value, allowed):
     base = {"num_workers": 2}  # so settings that need workers are judged on their own
-    assert _error(**{**base, key: value}) == f"`{key}` must be {allowed}; got {value!r}."
+    hint = WORKER_TYPE_HINT if key == "worker_type" else ""
+    assert _error(**{**base, key: value}) == f"`{key}` must be {allowed}; got {value!r}.{hint}"
     with pytest.raises(ConfigError) as info:
         LoaderConfig.from_dict({**base, key: value}, source="loader.yaml")
-    assert str(info.value) == f"loader.yaml: key `{key}`: must be {allowed}; got {value!r}."
+    assert str(info.value) == f"loader.yaml: key `{key}`: must be {allowed}; got {value!r}.{hint}"
     assert info.value.key == key
 
 
@@ -197,7 +241,7 @@ def test_auto_round_trips_and_builds_an_auto_loader(tmp_path):
 
 @pytest.mark.parametrize("key, value", [
     ("prefetch_factor", 2), ("persistent_workers", True),
-    ("multiprocessing_context", "fork"), ("timeout", 5.0),
+    ("multiprocessing_context", "fork"), ("timeout", 5.0), ("worker_type", "auto"),
 ])
 def test_settings_that_need_workers_fail_at_load_time_like_the_loader_would(key, value):
     message = _error(num_workers=0, **{key: value})
@@ -216,6 +260,77 @@ def test_settings_that_need_workers_fail_at_load_time_like_the_loader_would(key,
 
 def test_persistent_false_without_workers_is_fine():
     assert LoaderConfig(persistent_workers=False).num_workers == 0
+
+
+# --------------------------------------------------------------------------- one options model
+
+# The constructor's arguments a file cannot hold: objects and code.
+CODE_ARGUMENTS = {"self", "dataset", "sampler", "batch_sampler", "collate_fn", "worker_init_fn", "generator"}
+# Every option set away from its default, valid together.
+NOT_DEFAULTS = dict(
+    batch_size=3, shuffle=True, drop_last=True, num_workers=2, prefetch_factor=3, persistent_workers=False,
+    pin_memory=True, pin_memory_device="", worker_type="thread", multiprocessing_context="spawn", timeout=5.0,
+    in_order=False, stats=False, max_worker_restarts=7, hang_timeout=12.5, on_hang="raise",
+    on_sample_error="skip", max_skipped_fraction=0.25, max_inflight_bytes=2**20, sync_dataset_attributes=True,
+)
+
+
+def _loader_settings(loader) -> dict:
+    """A built loader's settings, read back from the loader under LoaderConfig's keys."""
+    read = {
+        "shuffle": lambda: isinstance(loader.sampler, tud.RandomSampler),
+        "num_workers": lambda: loader.num_workers_setting,
+        "prefetch_factor": lambda: loader.prefetch_factor_setting,
+        "multiprocessing_context": lambda: loader.multiprocessing_context.get_start_method(),
+        "stats": lambda: loader.stats is not None,
+    }
+    return {name: read[name]() if name in read else getattr(loader, name) for name in OPTIONS}
+
+
+def test_every_constructor_option_is_a_configuration_key():
+    import inspect
+
+    parameters = set(inspect.signature(nostall.DataLoader.__init__).parameters) - CODE_ARGUMENTS
+    assert parameters == set(OPTIONS) == {f.name for f in dataclasses.fields(LoaderConfig)}
+    assert set(NOT_DEFAULTS) == set(OPTIONS)
+    assert all(NOT_DEFAULTS[name] != option.default or name == "pin_memory_device"  # torch deprecates it
+               for name, option in OPTIONS.items())
+
+
+def test_every_constructor_option_round_trips_through_yaml_into_the_loader(tmp_path):
+    config = LoaderConfig(**NOT_DEFAULTS)
+    path = tmp_path / "loader.yaml"
+    config.save(path)
+    again = LoaderConfig.load(path)
+    assert again == config and again.to_dict() == NOT_DEFAULTS
+    with nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(12)), path) as loader:
+        assert _loader_settings(loader) == NOT_DEFAULTS
+    with nostall.DataLoader(tud.TensorDataset(torch.arange(12)), **NOT_DEFAULTS) as loader:
+        assert LoaderConfig(**_loader_settings(loader)) == config
+
+
+def test_worker_type_auto_is_accepted_in_yaml():
+    config = LoaderConfig.from_yaml("num_workers: 2\nworker_type: auto\n")
+    assert config.worker_type == "auto" and LoaderConfig.from_yaml(config.to_yaml()) == config
+    with nostall.DataLoader.from_config(tud.TensorDataset(torch.arange(8)), config) as loader:
+        assert loader.worker_type == "auto"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("worker_type", "greenlet"), ("max_worker_restarts", -2), ("hang_timeout", -1), ("on_hang", "ignore"),
+    ("on_sample_error", "log"), ("max_skipped_fraction", 2), ("max_inflight_bytes", 0),
+    ("sync_dataset_attributes", "yes"),
+])
+def test_the_constructor_and_the_file_refuse_the_same_values_with_the_same_words(key, value):
+    with pytest.raises(ValueError) as built:
+        nostall.DataLoader(tud.TensorDataset(torch.arange(4)), num_workers=2, **{key: value})
+    message = _error(num_workers=2, **{key: value})
+    assert str(built.value) == OPTIONS[key].error(value).args[0]
+    assert message == f"`{key}` {OPTIONS[key].problem(value, yaml=True)}"
+    # The same sentence, in YAML's words for None, True and False.
+    allowed, got = str(built.value).split("; got ")
+    words = {"None": "null", "True": "true", "False": "false"}
+    assert message == re.sub(r"\b(None|True|False)\b", lambda m: words[m.group(1)], allowed) + "; got " + got
 
 
 # --------------------------------------------------------------------------- keys and files
@@ -296,7 +411,9 @@ def test_loader_kwargs_omit_nones_and_torch_kwargs_make_defaults_explicit():
     medium = TEMPLATES["medium"]
     assert loader_kwargs(LoaderConfig(num_workers=2)) == {
         "batch_size": 1, "shuffle": False, "drop_last": False, "num_workers": 2,
-        "pin_memory": False, "worker_type": "process", "timeout": 0.0, "in_order": True}
+        "pin_memory": False, "pin_memory_device": "", "worker_type": "process", "timeout": 0.0,
+        "in_order": True, "stats": True, "max_worker_restarts": 3, "on_hang": "restart",
+        "on_sample_error": "raise", "max_skipped_fraction": 0.01}
     kw = torch_kwargs(LoaderConfig(num_workers=2, worker_type="thread"))
     assert "worker_type" not in kw and kw["persistent_workers"] is True
     assert torch_kwargs(LoaderConfig())["persistent_workers"] is False
@@ -310,21 +427,21 @@ def test_both_loaders_accept_the_kwargs(name):
     dataset = tud.TensorDataset(torch.arange(8))
     torch_loader = tud.DataLoader(dataset, **torch_kwargs(TEMPLATES[name]))
     assert torch_loader.batch_size == TEMPLATES[name].batch_size
-    with build_loader(dataset, name) as loader:  # no iteration: no workers start
+    with nostall.DataLoader.from_config(dataset, name) as loader:  # no iteration: no workers start
         assert loader.num_workers == TEMPLATES[name].num_workers
         assert loader.persistent_workers == torch_loader.persistent_workers
 
 
-def test_build_loader_from_a_file_with_overrides(tmp_path):
+def test_from_config_from_a_file_with_overrides(tmp_path):
     path = tmp_path / "loader.yaml"
     TEMPLATES["medium"].save(path)
     dataset = tud.TensorDataset(torch.arange(8))
     for config in (path, str(path)):
-        with build_loader(dataset, config, batch_size=4) as loader:
+        with nostall.DataLoader.from_config(dataset, config, batch_size=4) as loader:
             assert (loader.batch_size, loader.num_workers) == (4, 2)
     with pytest.raises(ConfigError, match=r"no template or file named 'nope.yaml'; templates: "
                                           r"small, medium, large\."):
-        build_loader(dataset, "nope.yaml")
+        nostall.DataLoader.from_config(dataset, "nope.yaml")
 
 
 def _torch_epochs(dataset, epochs: int, **kw) -> list:
@@ -347,11 +464,11 @@ def _assert_same_epochs(got: list, expected: list) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("persistent", [True, None])
-def test_build_loader_gives_torchs_batches_with_two_workers(persistent):
+def test_from_config_gives_torchs_batches_with_two_workers(persistent):
     dataset = tud.TensorDataset(torch.arange(64), torch.randn(64, 3))
     config = LoaderConfig(batch_size=5, shuffle=True, num_workers=2, persistent_workers=persistent,
                           multiprocessing_context="fork")  # fork: no torch import per worker
-    with build_loader(dataset, config, generator=torch.Generator().manual_seed(0)) as loader:
+    with nostall.DataLoader.from_config(dataset, config, generator=torch.Generator().manual_seed(0)) as loader:
         got = [list(loader) for _ in range(2)]
     assert not torch.equal(got[0][0][0], got[1][0][0])  # shuffled anew each epoch
     expected = _torch_epochs(dataset, 2, **torch_kwargs(config))
@@ -373,7 +490,7 @@ def test_build_loader_gives_torchs_batches_with_two_workers(persistent):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nostall")
-    lc.add_parser(parser.add_subparsers())
+    _config_command.add_parser(parser.add_subparsers())
     return parser
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import _measure
-from ._measure import LOADERS, START_METHODS, MeasureFailed, RunResult, RunSpec
+from ._measure import LOADERS, MeasureFailed, RunResult, RunSpec
+from ._options import START_METHODS, non_negative_int, positive_int
 from ._workloads import WORKLOADS
 
 Item = RunResult | MeasureFailed
@@ -108,22 +109,6 @@ def sweep_specs(args: argparse.Namespace) -> list[RunSpec]:
     )
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     """--workload / --dataset / --collate / --size / --batch-size, shared by bench and tune."""
     what = p.add_mutually_exclusive_group()
@@ -143,7 +128,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Declare ``nostall bench``."""
     p = subparsers.add_parser(
         "bench",
-        help="sweep num_workers / persistence / start methods for torch and nostall",
         description=(
             "Measure torch's DataLoader and nostall side by side on a workload: each configuration "
             "in a fresh process, then the guide's table (num_workers, pause between epochs, time "

@@ -1,24 +1,26 @@
 """The ``nostall`` command line.
 
-Each subcommand is an ``add_<name>(subparsers)`` function that declares its
-arguments and sets ``func``; ``main`` only dispatches. This module parses and
-prints; measuring lives in :mod:`nostall._measure`, datasets in
+Each subcommand is an ``add_parser(subparsers)`` function in its own module that
+declares its arguments and sets ``func``; ``main`` only dispatches. A subcommand's
+module is imported only when that subcommand runs (:data:`COMMANDS`), so
+``nostall --help`` and ``nostall config`` start without importing torch. This
+module parses and prints; measuring lives in :mod:`nostall._measure`, datasets in
 :mod:`nostall._workloads`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nostall import _bench, _doctor, _loader_config, _measure, _tune
-from nostall._bench import non_negative_int as _non_negative_int
-from nostall._bench import positive_int as _positive_int
-from nostall._measure import LOADERS, START_METHODS, MeasureFailed, RunResult
+from nostall._options import START_METHODS
+from nostall._options import non_negative_int as _non_negative_int
+from nostall._options import positive_int as _positive_int
 
 GUIDE_FRAMES = 6400  # the guide's measured case: 6,400 training images, batch 32
 
@@ -33,9 +35,11 @@ def _say(message: str) -> None:
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    """Declare ``nostall demo``."""
+    from nostall._measure import LOADERS
+
     p = subparsers.add_parser(
         "demo",
-        help="torch's DataLoader vs nostall on the SpotGEO-like workload",
         description=(
             "Run torch's DataLoader (transient and persistent workers) and nostall side by side "
             "on SpotGEO-like telescope frames, each configuration in a fresh process, and print "
@@ -67,6 +71,9 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Run ``nostall demo``; 0 when every configuration ran."""
+    from nostall import _bench, _measure
+    from nostall._measure import MeasureFailed, RunResult
     from nostall._workloads import ensure_spotgeo
 
     frames = GUIDE_FRAMES if args.full else args.frames
@@ -122,23 +129,52 @@ def run_demo(args: argparse.Namespace) -> int:
 # Entry point
 # --------------------------------------------------------------------------- #
 
-SUBCOMMANDS = (add_demo, _bench.add_parser, _tune.add_parser, _loader_config.add_parser, _doctor.add_parser)
+# name: (module, its function adding the subcommand, the line `nostall --help` shows).
+# A module is imported only when its subcommand is the one run.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("nostall._cli", "add_demo", "torch's DataLoader vs nostall on the SpotGEO-like workload"),
+    "bench": ("nostall._bench", "add_parser", "sweep num_workers / persistence / start methods for torch and nostall"),
+    "tune": ("nostall._tune", "add_parser",
+             "find the best num_workers for nostall and for torch's DataLoader; write it as YAML"),
+    "config": ("nostall._config_command", "add_parser",
+               "print a loader configuration template or check a configuration file"),
+    "doctor": ("nostall._doctor", "add_parser",
+               "check this machine, a dataset and a training script for data-loading problems"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _SubcommandHelp:
+    """``subparsers`` as a subcommand's ``add_parser`` sees it: the subcommand gets
+    its line in ``nostall --help`` from :data:`COMMANDS`."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction, help_text: str):
+        self._subparsers, self._help = subparsers, help_text
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, help=self._help, **kwargs)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``nostall`` parser. Only the subcommand named in ``argv`` is declared in
+    full (its module imported); the others are listed with their help line. Without
+    ``argv``, every subcommand is declared in full."""
     parser = argparse.ArgumentParser(
         prog="nostall",
         description="nostall: a DataLoader whose workers persist across epochs.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
+    chosen = next((a for a in argv if a in COMMANDS), None) if argv is not None else None
+    for name, (module, add, help_text) in COMMANDS.items():
+        if argv is None or name == chosen:
+            getattr(importlib.import_module(module), add)(_SubcommandHelp(subparsers, help_text))
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "func", None):

@@ -1,13 +1,10 @@
-"""The loader's own settings: one frozen dataclass, validated in one place."""
+"""The engine's settings, derived from a built loader whose arguments ``nostall._options`` checked."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORKER_TYPES = ("process", "thread", "auto")
-START_METHODS = ("fork", "spawn", "forkserver")
-ON_HANG = ("restart", "raise")
-ON_SAMPLE_ERROR = ("raise", "skip")
+from ._options import check_start_method
 
 
 @dataclass(frozen=True)
@@ -60,54 +57,15 @@ class PoolConfig:
     sync_dataset: bool = False  # attributes reassigned on the dataset reach process workers
 
     def __post_init__(self):
-        if self.worker_type not in WORKER_TYPES:
-            raise ValueError(
-                f"`worker_type` must be one of {', '.join(map(repr, WORKER_TYPES))}; "
-                f"got {self.worker_type!r}. Use 'thread' for I/O-bound datasets that "
-                "release the GIL, 'process' otherwise, 'auto' to let nostall choose."
-            )
-        if self.start_method not in START_METHODS:
-            raise ValueError(
-                f"`multiprocessing_context` must use one of {', '.join(START_METHODS)}; "
-                f"got {self.start_method!r}."
-            )
-        if self.num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0; got {self.num_workers}.")
-        if self.prefetch_factor < 0:
-            raise ValueError(f"`prefetch_factor` must be >= 0; got {self.prefetch_factor}.")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ValueError(f"`max_worker_restarts` must be an int >= 0; got {self.max_restarts!r}.")
-        if self.hang_timeout is not None and not (
-            isinstance(self.hang_timeout, (int, float)) and not isinstance(self.hang_timeout, bool)
-            and self.hang_timeout > 0
-        ):
-            raise ValueError(
-                f"`hang_timeout` must be None (automatic) or a number of seconds > 0; got {self.hang_timeout!r}."
-            )
-        if self.on_hang not in ON_HANG:
-            raise ValueError(f"`on_hang` must be one of {', '.join(map(repr, ON_HANG))}; got {self.on_hang!r}.")
-        if self.on_sample_error not in ON_SAMPLE_ERROR:
-            raise ValueError(
-                f"`on_sample_error` must be one of {', '.join(map(repr, ON_SAMPLE_ERROR))}; "
-                f"got {self.on_sample_error!r}."
-            )
-        if self.max_inflight_bytes is not None and (
-            isinstance(self.max_inflight_bytes, bool) or not isinstance(self.max_inflight_bytes, int)
-            or self.max_inflight_bytes <= 0
-        ):
-            raise ValueError(
-                f"`max_inflight_bytes` must be None or an int > 0 (bytes); got {self.max_inflight_bytes!r}."
-            )
-        if not (isinstance(self.max_skipped_fraction, (int, float)) and not isinstance(self.max_skipped_fraction, bool)
-                and 0.0 <= self.max_skipped_fraction <= 1.0):
-            raise ValueError(
-                f"`max_skipped_fraction` must be a number from 0 to 1; got {self.max_skipped_fraction!r}."
-            )
+        # The user's arguments were checked by the loader (nostall._options); the start
+        # method comes from a multiprocessing context, which may be a custom one.
+        check_start_method(self.start_method)
+
     def window_for(self, batch_bytes: int, workers: int | None = None, prefetch: int | None = None) -> int:
         """The window for ``workers`` active workers with ``prefetch`` (default: the
         configured ones), also bounded by ``max_inflight_bytes`` for batches of ``batch_bytes``."""
         workers = self.num_workers if workers is None else workers
-        window = max(1, workers * (self.prefetch_factor if prefetch is None else prefetch))
+        window = _by_count(workers, self.prefetch_factor if prefetch is None else prefetch)
         if self.max_inflight_bytes is None:
             return window
         if batch_bytes <= 0:
@@ -116,5 +74,10 @@ class PoolConfig:
 
     @property
     def window(self) -> int:
-        """Most batches in flight (at least 1, so prefetch_factor=0 still makes progress)."""
-        return max(1, self.num_workers * self.prefetch_factor)
+        """Most batches in flight by count alone, for the configured workers and prefetch."""
+        return _by_count(self.num_workers, self.prefetch_factor)
+
+
+def _by_count(workers: int, prefetch: int) -> int:
+    """``workers * prefetch`` batches in flight, at least 1 (so prefetch_factor=0 still makes progress)."""
+    return max(1, workers * prefetch)

@@ -30,7 +30,7 @@ from ._large_containers import (  # noqa: F401  (re-exported: the doctor's API)
     CONTAINERS, MIN_ELEMENTS, Container, _attributes, _NOT_DATA, estimate_size, find_large_containers,
 )
 from ._limits import FDS_BASE, FDS_LOADER, FDS_PER_WORKER, open_files_needed
-from ._measure import START_METHODS
+from ._options import START_METHODS, int_from, non_negative_int, positive_int
 from ._script import is_loader_call, parse_script, resolve_start_method, unguarded_uses
 
 __all__ = [
@@ -129,7 +129,9 @@ def check_persistent(num_workers: int, persistent: bool) -> list[Finding]:
 
 def check_pin_memory(pin_memory: bool, accelerator: str | None) -> list[Finding]:
     """pin_memory=True on a machine with no accelerator to copy batches to."""
-    probe = "torch.accelerator.is_available()" if _has_torch_accelerator() else "torch.cuda.is_available()"
+    from ._torch_versions import has_accelerator_api
+
+    probe = "torch.accelerator.is_available()" if has_accelerator_api() else "torch.cuda.is_available()"
     if not pin_memory:
         note = f" ({accelerator} available: with pin_memory=True and .to(device, non_blocking=True) " \
                "host-to-device copies overlap compute)" if accelerator else ""
@@ -143,12 +145,6 @@ def check_pin_memory(pin_memory: bool, accelerator: str | None) -> list[Finding]
         "the setting does nothing here.",
         "Pass pin_memory=torch.cuda.is_available() (or pin_memory=False on CPU-only machines).",
     )]
-
-
-def _has_torch_accelerator() -> bool:
-    import torch
-
-    return getattr(torch, "accelerator", None) is not None
 
 
 # --------------------------------------------------------------------------- #
@@ -450,17 +446,17 @@ def run_doctor(*, num_workers: int | None = None, start_method: str | None = Non
     the script sets, else the platform's default. ``dataset`` enables the copy-on-read
     check and measures one batch; ``script`` enables the ``__main__`` guard check.
     """
-    from nostall._loader import _accelerator
+    from ._torch_versions import accelerator
 
     cpus = usable_cpus() if cpus is None else cpus
     num_workers = default_num_workers(cpus) if num_workers is None else num_workers
     for name, value, least in (("num_workers", num_workers, 0), ("batch_size", batch_size, 1),
                                ("prefetch_factor", prefetch_factor, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not int_from(least)(value):
             raise ValueError(f"--{name.replace('_', '-')} must be an int >= {least}; got {value!r}.")
     method, method_source = resolve_start_method(start_method, script)
     findings = check_cpus(num_workers, cpus) + check_persistent(num_workers, persistent)
-    findings += check_pin_memory(pin_memory, _accelerator())
+    findings += check_pin_memory(pin_memory, accelerator())
     if script is not None:
         findings += check_main_guard(script, method, method_source)
     batch: BatchInfo | None = None
@@ -518,11 +514,8 @@ def _block(label: str, text: str, width: int) -> list[str]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``doctor`` subcommand to ``subparsers``; it runs :func:`run`."""
-    from ._bench import non_negative_int, positive_int
-
     p = subparsers.add_parser(
         "doctor",
-        help="check this machine, a dataset and a training script for data-loading problems",
         description=(
             "Check this machine (usable CPUs, /dev/shm, open-files limit, threads) and the loader "
             "settings you pass, and optionally your dataset (--dataset) and training script (--script); "

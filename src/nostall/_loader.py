@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 import weakref
 from typing import TypeVar
@@ -15,23 +14,16 @@ from . import _autotune, _compat, _datapipes, _resume
 from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
                          sync_dataset)
 from ._config import PoolConfig
+from ._options import check_loader_arguments
+from ._torch_versions import HAS_IN_ORDER, accelerator
 from ._distributed import advance_epoch, local_cpu_budget, shard_sampler
 from ._engine import Engine
 from ._plan import Planner
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
 from ._worker import WorkSpec
 
-_TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
 _pin_warned = False
 _T_co = TypeVar("_T_co", covariant=True)
-
-
-def _accelerator() -> str | None:
-    """The device type pinned memory is for, or None on a CPU-only machine."""
-    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if acc is not None:
-        return acc.current_accelerator().type if acc.is_available() else None
-    return "cuda" if torch.cuda.is_available() else None
 
 
 def _warn_pin_memory_once() -> None:
@@ -164,7 +156,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         explicit_persistent = bool(persistent_workers)
         if persistent_workers is None:
             persistent_workers = positive(num_workers)
-        extra = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
+        extra = {"in_order": in_order} if HAS_IN_ORDER else {}
         # torch validates first, with its own exception types and messages; nostall only
         # adds its explanation after torch's message.
         try:
@@ -195,11 +187,12 @@ class DataLoader(tud.DataLoader[_T_co]):
                 f"hold a stream position); got {'an iterable dataset' if self._dataset_kind == 1 else 'num_workers=0'}. "
                 "Pass worker_type='process' or 'thread'."
             )
-        if sync_dataset_attributes not in (None, True, False):
-            raise ValueError(
-                "`sync_dataset_attributes` must be None (automatic: on for datasets with set_epoch or "
-                f"load_state_dict), True or False; got {sync_dataset_attributes!r}."
-            )
+        check_loader_arguments(dict(
+            worker_type=worker_type, sync_dataset_attributes=sync_dataset_attributes,
+            max_worker_restarts=max_worker_restarts, hang_timeout=hang_timeout, on_hang=on_hang,
+            on_sample_error=on_sample_error, max_skipped_fraction=max_skipped_fraction,
+            max_inflight_bytes=max_inflight_bytes,
+        ))
         self.in_order = in_order
         self.worker_type = worker_type
         # nostall's own arguments as attributes of the same names: frameworks that rebuild a
@@ -259,7 +252,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         cfg = self._config
         pin_device = None
         if cfg.pin_memory:
-            pin_device = _accelerator()
+            pin_device = accelerator()
             if self.pin_memory_device:
                 warnings.warn(
                     "pin_memory_device is deprecated, the current accelerator will be used as the device,"
@@ -414,7 +407,9 @@ class DataLoader(tud.DataLoader[_T_co]):
         return [] if self._engine is None else self._engine.worker_pids()
 
     def close(self) -> None:
-        """Stop every worker and release its resources. The loader cannot iterate again."""
+        """Stop every worker and release its resources; iterating the loader afterwards raises
+        RuntimeError. A loader closed before its first ``iter()`` has no workers yet: it
+        starts them if it is iterated after all (close it again when done)."""
         if self._finalizer is not None:
             self._finalizer()
         elif self._recorder is not None:

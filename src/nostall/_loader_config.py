@@ -16,33 +16,25 @@ also hold ``notes:`` and ``measured:`` sections beside it (``nostall tune`` keep
 its measurements there); they are ignored when loading. Any other top-level key
 beside ``loader:`` is an error, so a setting placed at the wrong level is caught.
 
-This is the user-facing configuration; :class:`nostall._config.PoolConfig` is the
-engine's internal one, derived from a built loader.
+The fields, their defaults and their checks come from ``nostall._options.OPTIONS``,
+the table the loader's own argument checks come from too. This is the user-facing
+configuration; :class:`nostall._config.PoolConfig` is the engine's internal one,
+derived from a built loader. ``nostall config`` lives in ``nostall._config_command``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import inspect
-import math
 import os
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch.utils.data as tud
-import yaml
+from ._options import OPTIONS, START_METHODS, WORKER_TYPES  # noqa: F401  (re-exported)
 
-WORKER_TYPES = ("process", "thread")
-START_METHODS = ("fork", "spawn", "forkserver")
 # Top-level sections allowed beside ``loader:``; their contents are not interpreted.
 SECTIONS = ("notes", "measured")
-
-_TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(tud.DataLoader.__init__).parameters
 
 
 class ConfigError(ValueError):
@@ -74,108 +66,23 @@ class ConfigError(ValueError):
         return ConfigError(key, self.problem, source)
 
 
-# --------------------------------------------------------------------------- #
-# Validation rules: one line per field.
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class _Rule:
-    allowed: str                      # completes "must be ..." in error messages
-    accepts: Callable[[Any], bool]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
-
-
-def _int_from(low: int) -> Callable[[Any], bool]:
-    return lambda v: _is_int(v) and v >= low
-
-
-def _number_from(low: float) -> Callable[[Any], bool]:
-    return lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= low
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _one_of(*choices: str) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and v in choices
-
-
-def _or_none(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or test(v)
-
-
-def _any(*tests: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: any(t(v) for t in tests)
-
-
-def _choices(values: tuple[str, ...]) -> str:
-    return ", ".join(repr(v) for v in values)
-
-
-_BOOL = _Rule("true or false", _is_bool)
-
-RULES: dict[str, _Rule] = {
-    "batch_size": _Rule("an int >= 1", _int_from(1)),
-    "shuffle": _BOOL,
-    "drop_last": _BOOL,
-    "num_workers": _Rule("an int >= 0 or 'auto'", _any(_int_from(0), _one_of("auto"))),
-    # torch accepts 0 when building but its worker iterator refuses it.
-    "prefetch_factor": _Rule(
-        "an int >= 1, 'auto', or null for torch's default (2)", _or_none(_any(_int_from(1), _one_of("auto")))),
-    "persistent_workers": _Rule(
-        "true, false, or null (true when num_workers > 0)", _or_none(_is_bool)),
-    "pin_memory": _BOOL,
-    "worker_type": _Rule(f"one of {_choices(WORKER_TYPES)}", _one_of(*WORKER_TYPES)),
-    "multiprocessing_context": _Rule(
-        f"one of {_choices(START_METHODS)}, or null for the platform's default",
-        _or_none(_one_of(*START_METHODS))),
-    "timeout": _Rule("a number of seconds >= 0", _number_from(0)),
-    "in_order": _BOOL,
-    "sync_dataset_attributes": _Rule(
-        "true, false, or null (true for datasets with set_epoch or load_state_dict)", _or_none(_is_bool)),
-}
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """The settings of one ``nostall.DataLoader`` that a configuration file holds.
-
-    Defaults are the loader's. Every value is checked when the object is made
-    (including by :func:`dataclasses.replace`); an invalid one raises
-    :class:`ConfigError` naming the key, the value and what is allowed.
-    """
-
-    batch_size: int = 1
-    shuffle: bool = False
-    drop_last: bool = False
-    num_workers: int = 0
-    prefetch_factor: int | None = None
-    persistent_workers: bool | None = None
-    pin_memory: bool = False
-    worker_type: str = "process"
-    multiprocessing_context: str | None = None
-    timeout: float = 0.0
-    in_order: bool = True
-    sync_dataset_attributes: bool | None = None
+class _LoaderConfigMethods:
+    """The behaviour of :class:`LoaderConfig`; its fields come from ``nostall._options.OPTIONS``."""
 
     def __post_init__(self):
-        for name, rule in RULES.items():
+        for name, option in OPTIONS.items():
             value = getattr(self, name)
-            if not rule.accepts(value):
-                raise ConfigError(name, f"must be {rule.allowed}; got {value!r}.")
-        # An int timeout (YAML `timeout: 5`) is stored as a float so to_yaml is stable.
-        object.__setattr__(self, "timeout", float(self.timeout))
-        # Combinations torch (or nostall) would refuse when the loader is built.
+            if not option.accepts(value):
+                raise ConfigError(name, option.problem(value, yaml=True))
+            if option.convert is not None:  # e.g. `timeout: 5` is kept as 5.0, so to_yaml is stable
+                object.__setattr__(self, name, option.convert(value))
+        # Combinations torch (or nostall) would refuse when the loader is built (or, timeout, iterated).
         if self.num_workers == 0:
             for name, bad in (("prefetch_factor", self.prefetch_factor is not None),
                               ("persistent_workers", self.persistent_workers is True),
                               ("multiprocessing_context", self.multiprocessing_context is not None),
-                              ("timeout", self.timeout > 0)):
+                              ("timeout", self.timeout > 0),
+                              ("worker_type", self.worker_type == "auto")):
                 if bad:
                     value = getattr(self, name)
                     raise ConfigError(
@@ -207,7 +114,7 @@ class LoaderConfig:
             if not isinstance(data, Mapping):
                 raise ConfigError("loader", f"must be a mapping of loader settings; got {data!r}.",
                                   source)
-        known = [f.name for f in dataclasses.fields(cls)]
+        known = list(OPTIONS)
         for key in data:
             if key not in known:
                 raise ConfigError(f"{prefix}{key}", _unknown_problem(key, known), source)
@@ -234,6 +141,8 @@ class LoaderConfig:
             if extra:
                 raise ValueError(f"sections must be among {', '.join(SECTIONS)}; got {extra}.")
             doc = {"loader": doc, **sections}
+        import yaml  # here: `import nostall` and `nostall config --list` do without it
+
         body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
         return "".join(f"# {line}".rstrip() + "\n" for line in header) + body
 
@@ -246,6 +155,8 @@ class LoaderConfig:
         """
         if isinstance(text, os.PathLike):
             return cls.load(text)
+        import yaml
+
         source = source or "<string>"
         try:
             data = yaml.safe_load(text)
@@ -262,6 +173,23 @@ class LoaderConfig:
              sections: Mapping[str, Any] | None = None) -> None:
         """Write :meth:`to_yaml` to ``path``."""
         Path(path).write_text(self.to_yaml(comment, sections), encoding="utf-8")
+
+LoaderConfig = dataclasses.make_dataclass(
+    "LoaderConfig",
+    [(name, option.annotation, dataclasses.field(default=option.default)) for name, option in OPTIONS.items()],
+    bases=(_LoaderConfigMethods,),
+    frozen=True,
+    namespace={"__module__": __name__},  # pickles and prints as nostall._loader_config.LoaderConfig
+)
+LoaderConfig.__doc__ = """The settings of one ``nostall.DataLoader`` that a configuration file holds.
+
+Defaults are the loader's. Every value is checked when the object is made
+(including by :func:`dataclasses.replace`); an invalid one raises
+:class:`ConfigError` naming the key, the value and what is allowed.
+
+Fields (one per option of ``nostall._options.OPTIONS``, in that order):
+
+""" + "\n".join(f"* ``{name}`` (default ``{option.default!r}``): {option.doc}" for name, option in OPTIONS.items())
 
 
 def _yaml_kind(data: Any) -> str:
@@ -284,7 +212,7 @@ def _unknown_problem(key: Any, known: list[str]) -> str:
     return f"is not a known setting.{hint} Known keys: {', '.join(known)}."
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc) -> str:
     """PyYAML's error as 'line L, column C: not valid YAML (problem).'"""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
@@ -330,29 +258,6 @@ def loader_kwargs(config: LoaderConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if v is not None}
 
 
-def torch_kwargs(config: LoaderConfig) -> dict[str, Any]:
-    """Keyword arguments giving torch's own DataLoader the same behaviour.
-
-    ``worker_type`` is dropped (torch only has processes; threads make the same
-    batches), and so is ``sync_dataset_attributes`` (torch has no such setting). ``persistent_workers`` is made explicit because nostall's default
-    (persistent when num_workers > 0) is not torch's.
-
-    One difference remains when ``persistent_workers`` is null, workers > 0 and a
-    shuffling ``generator`` is given: nostall's default draws torch's base seed from
-    the generator every epoch (as torch's transient workers do), torch's persistent
-    workers only once, so shuffled orders agree in the first epoch only. Write
-    ``persistent_workers: true`` in the config for identical batches in every epoch.
-    """
-    kw = loader_kwargs(config)
-    del kw["worker_type"]
-    kw.pop("sync_dataset_attributes", None)  # torch's persistent workers never see later changes
-    if config.persistent_workers is None:
-        kw["persistent_workers"] = config.num_workers > 0
-    if not _TORCH_HAS_IN_ORDER:
-        kw.pop("in_order")  # older torch always delivers in order
-    return kw
-
-
 def resolve(config: LoaderConfig | str | os.PathLike) -> LoaderConfig:
     """A LoaderConfig from a LoaderConfig, a template name or a YAML file path.
 
@@ -370,64 +275,3 @@ def resolve(config: LoaderConfig | str | os.PathLike) -> LoaderConfig:
         return LoaderConfig.load(path)
     raise TypeError(f"config must be a LoaderConfig, a template name or a path; "
                     f"got {type(config).__name__}.")
-
-
-def build_loader(dataset, config: LoaderConfig | str | os.PathLike, **overrides):
-    """``nostall.DataLoader(dataset, ...)`` from a config; ``overrides`` win over it.
-
-    Overrides take any DataLoader argument, e.g. ``generator`` or ``collate_fn``,
-    which a file cannot hold.
-    """
-    from nostall._loader import DataLoader  # late: _loader imports this module
-
-    return DataLoader.from_config(dataset, config, **overrides)
-
-
-# --------------------------------------------------------------------------- #
-# nostall config
-# --------------------------------------------------------------------------- #
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``config`` subcommand to a ``nostall`` argument parser."""
-    p = subparsers.add_parser(
-        "config",
-        help="print a loader configuration template or check a configuration file",
-        description=(
-            "Print one of the built-in loader configurations as YAML (redirect it to a "
-            "file and load it with nostall.DataLoader.from_config(dataset, PATH)), list "
-            "them, or check a configuration file."
-        ),
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--template", choices=list(TEMPLATES), metavar="NAME",
-                      help=f"print a template as YAML ({', '.join(TEMPLATES)})")
-    what.add_argument("--list", action="store_true", dest="list_templates",
-                      help="list the templates and what each is for")
-    what.add_argument("--check", metavar="PATH",
-                      help="validate a configuration file; print it with defaults filled in")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Carry out ``nostall config``; 0 on success, 1 on an invalid or unreadable file."""
-    if args.list_templates:
-        width = max(map(len, TEMPLATES))
-        for name in TEMPLATES:
-            print(f"{name:<{width}}  {TEMPLATE_USES[name]}")
-        return 0
-    if args.template:
-        print(TEMPLATES[args.template].to_yaml(
-            comment=f"template {args.template!r}: {TEMPLATE_USES[args.template]}"), end="")
-        return 0
-    try:
-        config = LoaderConfig.load(args.check)
-    except ConfigError as exc:
-        print(f"nostall config: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"nostall config: cannot read {args.check}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    print(config.to_yaml(comment=f"{args.check}: valid (every setting shown, defaults filled in)"),
-          end="")
-    return 0

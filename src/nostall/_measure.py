@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nostall._config import START_METHODS
+from nostall._options import START_METHODS, int_from
 from nostall._cpus import usable_cpus
 from nostall._memory import ProcessTreeMemory
 from nostall._stats import batch_len
@@ -134,18 +134,15 @@ class RunSpec:
             )
         if self.collate is not None and not is_reference(self.collate):
             raise ValueError(f"`collate` must be None or a `module:function` reference; got {self.collate!r}.")
-        if self.batches_per_epoch is not None and (
-            isinstance(self.batches_per_epoch, bool) or not isinstance(self.batches_per_epoch, int)
-            or self.batches_per_epoch < 1
-        ):
+        if self.batches_per_epoch is not None and not int_from(1)(self.batches_per_epoch):
             raise ValueError(f"`batches_per_epoch` must be None or an int >= 1; got {self.batches_per_epoch!r}.")
         if self.worker_type not in (None, "process", "thread"):
             raise ValueError(f"`worker_type` must be None, 'process' or 'thread'; got {self.worker_type!r}.")
         for name in ("size", "batch_size", "epochs"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not int_from(1)(value):
                 raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if not int_from(0)(self.num_workers):
             raise ValueError(f"`num_workers` must be an int >= 0; got {self.num_workers!r}.")
         if self.start_method is not None and self.start_method not in START_METHODS:
             raise ValueError(

@@ -29,6 +29,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ._options import int_from
+
 VERSION = 2
 _REQUIRED = ("epoch", "delivered", "base_seed", "generators", "global_rng", "private_generator",
              "epochs_set", "states", "sampler", "streams")
@@ -128,7 +130,7 @@ class Streams:
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return int_from(0)(value)
 
 
 def check(state: Any, loader) -> None:

@@ -63,8 +63,9 @@ class _BatchPickler(ForkingPickler):
         return _rebuild_inline, (raw, obj.dtype, tuple(obj.shape), obj.stride(), obj.storage_offset())
 
 
-def dumps(obj, inline_all: bool = False) -> bytes:
-    """Serialize a worker's message for the pipe (see module docstring)."""
+def dumps(obj, inline_all: bool = False) -> memoryview:
+    """Serialize a worker's message for the pipe (see module docstring): a view of the
+    pickle's buffer, not a copy (``Connection.send_bytes`` takes it as it is)."""
     buf = io.BytesIO()
     _BatchPickler(buf, pickle.HIGHEST_PROTOCOL, inline_all).dump(obj)
     return buf.getbuffer()

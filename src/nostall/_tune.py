@@ -37,6 +37,7 @@ from ._measure import (
     loader_factory,
 )
 from ._measure import _make_step as make_step
+from ._options import START_METHODS, is_int, positive_int
 from ._stats import batch_len
 
 GAIN = 1.05  # a step must gain this much to go on doubling
@@ -139,7 +140,7 @@ def start_from(value: str | None) -> int | None:
                              f"readable JSON file of loader.stats.to_dict() ({exc}).") from None
         tuner = stats.get("tuner") if isinstance(stats, dict) else None
         count = tuner[-1]["workers"] if tuner else (stats.get("num_workers") if isinstance(stats, dict) else None)
-        if not isinstance(count, int) or isinstance(count, bool):
+        if not is_int(count):
             raise SystemExit(f"nostall tune: {value} holds no tuner decisions and no num_workers: save "
                              "`loader.stats.to_dict()` of a run with num_workers='auto' as JSON.")
     if count < 1:
@@ -176,11 +177,10 @@ def pick(probes: list[Probe]) -> Probe:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Declare ``nostall tune``."""
-    from ._bench import add_dataset_arguments, positive_int
+    from ._bench import add_dataset_arguments
 
     p = subparsers.add_parser(
         "tune",
-        help="find the best num_workers for nostall and for torch's DataLoader; write it as YAML",
         description=(
             "The guide's progressive search (0, 2, 4, 8, ... workers, stopping when more no "
             "longer helps) for nostall and for torch's DataLoader with persistent workers, "
@@ -189,7 +189,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_dataset_arguments(p)
-    p.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None,
+    p.add_argument("--start-method", choices=START_METHODS, default=None,
                    help="start method for both loaders (default: the platform's)")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="simulated training step per batch, ms of CPU (default: 0)")

@@ -39,6 +39,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ._options import int_from
+
 __all__ = [
     "FRAME_HEIGHT",
     "FRAME_WIDTH",
@@ -201,7 +203,7 @@ def ensure_spotgeo(
     to :func:`default_cache_dir`. Cost: about 15 ms per missing frame and core;
     a few stat calls when everything is there.
     """
-    if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 1:
+    if not int_from(1)(n_frames):
         raise ValueError(f"`n_frames` must be a positive int; got {n_frames!r}.")
     base = Path(root).expanduser() if root is not None else default_cache_dir()
     out = _frames_dir(base, seed)
@@ -263,7 +265,7 @@ class SpotGeoFrames(Dataset):
         *,
         seed: int = DEFAULT_SEED,
     ) -> None:
-        if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 1:
+        if not int_from(1)(n_frames):
             raise ValueError(f"`n_frames` must be a positive int; got {n_frames!r}.")
         if crop is not None and not (1 <= crop <= min(FRAME_HEIGHT, FRAME_WIDTH)):
             raise ValueError(
@@ -312,7 +314,7 @@ class _Numbered(Dataset):
     """``n`` samples numbered 0..n-1; subclasses make sample ``i`` in ``_make``."""
 
     def __init__(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not int_from(1)(n):
             raise ValueError(f"`n` must be a positive int; got {n!r}.")
         self.n = n
 
