@@ -36,14 +36,20 @@ def private_tmp(tmp_path, monkeypatch):
     return tmp
 
 
-def _stack_fd(pid: int) -> str:
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:nostall-stack"):
-                return f"/proc/{pid}/fd/{name}"
-        except OSError:
-            pass
-    raise AssertionError(f"worker {pid} has no stack file")
+def _stack_fd(pid: int, within: float = 30.0) -> str:
+    """The worker's stack memfd; a worker that has not delivered yet may still be
+    starting (the memfd is made first thing in the worker), so look until ``within``."""
+    deadline = time.monotonic() + within
+    while True:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:nostall-stack"):
+                    return f"/proc/{pid}/fd/{name}"
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker {pid} has no stack file")
+        time.sleep(0.01)
 
 
 @pytest.mark.timeout(90)
