@@ -171,6 +171,36 @@ class WorkerRNG:
             self.numpy_generator.bit_generator.state = np.random.PCG64(seed).state
 
 
+class ThreadWorkerRNG:
+    """``get_worker_info().rng`` in a nostall thread worker, with the fields of torch's
+    thread-worker ``_RNG``, so ``torch.thread_safe_generator()`` and transforms written
+    for torch's thread workers work unchanged.
+
+    Each field is the generator seeded for the batch being made (see :func:`worker_rng`):
+    torch's and Python's draw what the global generators draw in a process worker making
+    the same batch. Outside a batch (``worker_init_fn``) it is this worker's own,
+    seeded with the worker seed as torch seeds a worker.
+    """
+
+    __slots__ = ("_own",)
+
+    def __init__(self, seed: int):
+        self._own = WorkerRNG.create()
+        self._own.reseed(seed)
+
+    @property
+    def random_generator(self) -> random.Random:
+        return (worker_rng() or self._own).random_generator
+
+    @property
+    def torch_generator(self) -> torch.Generator:
+        return (worker_rng() or self._own).torch_generator
+
+    @property
+    def numpy_generator(self):
+        return (worker_rng() or self._own).numpy_generator
+
+
 _thread_rng = threading.local()
 
 

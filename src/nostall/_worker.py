@@ -375,8 +375,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def _install_worker_info(worker_id: int, num_workers: int, seed: int, dataset, method: str):
-    # torch >= 2.9 records the worker method; older WorkerInfo has no such field.
-    extra = {"worker_method": method} if "worker_method" in torch_worker.WorkerInfo.__dataclass_fields__ else {}
+    # torch >= 2.9 records the worker method and, for threads, per-thread generators
+    # (torch.thread_safe_generator() reads them); older WorkerInfo has neither field.
+    fields = torch_worker.WorkerInfo.__dataclass_fields__
+    extra = {"worker_method": method} if "worker_method" in fields else {}
+    if method == "thread" and "rng" in fields:
+        extra["rng"] = _seeding.ThreadWorkerRNG(seed)
     info = torch_worker.WorkerInfo(id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset, **extra)
     if method == "thread":
         _thread_info.info = info
