@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
     from ._containers import NumberArray, ObjectArray, Records, StringArray, flat
+    from ._device import DeviceLoader, to_device
     from ._distributed import ShardInfo, shard_info
     from ._loader import DataLoader
     from ._loader_config import LoaderConfig
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
 # Public name -> the private module defining it.
 _WHERE = {
     "DataLoader": "_loader",
+    "DeviceLoader": "_device",
     "EpochStats": "_stats",
     "LoaderConfig": "_loader_config",
     "LoaderStats": "_stats",
@@ -39,6 +41,7 @@ _WHERE = {
     "flat": "_containers",
     "progress": "_watch",
     "shard_info": "_distributed",
+    "to_device": "_device",
     "watch": "_watch",
     "worker_rng": "_seeding",
 }
