@@ -16,6 +16,7 @@ still count against the window until then, so the bound always holds.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -33,6 +34,7 @@ from ._engine_faults import FaultHandling
 from ._engine_resume import Resuming
 from ._engine_tuning import Tuning
 from ._large_containers import find_large_containers
+from ._pinning import Pinner
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool
 from ._resume import Streams
@@ -131,7 +133,8 @@ class Engine(Resuming, FaultHandling, Tuning):
         self.planner = planner
         self.spec = spec
         self._ctx = ctx
-        self._pin_device = pin_device
+        # pin_memory=True: batches are pinned in a thread as they arrive, not in next()
+        self._pinner = Pinner(functools.partial(_pin, device=pin_device)) if pin_device is not None else None
         self.pool = None
         self._inline: BatchMaker | None = None
         self._task_ids = itertools.count()
@@ -192,6 +195,8 @@ class Engine(Resuming, FaultHandling, Tuning):
                 task.wanted = False  # an abandoned epoch or a discarded prediction
         self._ready = {k: r for k, r in self._ready.items() if k[0] == plan.serial}
         self._arrivals = [k for k in self._arrivals if k in self._ready]
+        if self._pinner is not None:
+            self._pinner.keep_only(r.task_id for r in self._ready.values())
         self._current = plan
         self._deliver_no = 0
         self._skipped = set()
@@ -380,10 +385,9 @@ class Engine(Resuming, FaultHandling, Tuning):
     def _deliver(self, result: Result):
         if result.kind == "error":
             result.payload.reraise()
-        data = result.payload
-        if self._pin_device is not None:
-            data = _pin(data, self._pin_device)
-        return data
+        if self._pinner is not None:
+            return self._pinner.take(result.task_id, result.payload)
+        return result.payload
 
     def _epoch_done(self, plan: EpochPlan) -> bool:
         if self.planner.iterable and not self._active:
@@ -498,6 +502,8 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._batch_bytes = max(self._batch_bytes, _transport.tensor_bytes(result.payload))
         key = (task.plan.serial, task.batch_no)
         self._ready[key] = result
+        if self._pinner is not None and result.kind == "ok":
+            self._pinner.start(result.task_id, result.payload)
         if self._streams is not None:
             self._made_by[key] = (worker_id, result.state, result.ended)
         if not self.config.in_order:
@@ -536,4 +542,6 @@ class Engine(Resuming, FaultHandling, Tuning):
         self.closed = True
         self._close_pool()
         self._ready.clear()
+        if self._pinner is not None:
+            self._pinner.close()
         self._arrivals.clear()

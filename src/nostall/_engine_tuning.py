@@ -60,6 +60,8 @@ class Tuning:
         current = self._current.serial
         self._ready = {k: r for k, r in self._ready.items() if k[0] == current}
         self._arrivals = [k for k in self._arrivals if k in self._ready]
+        if self._pinner is not None:
+            self._pinner.keep_only(r.task_id for r in self._ready.values())
         self._start_pool()
 
     def _apply_tuning(self) -> None:
