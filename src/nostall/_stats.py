@@ -347,6 +347,18 @@ class MeasuredIterator:
         return self._len_fn()
 
 
+SCALAR_NAMES = {  # what LoaderStats.scalars() gives, after its prefix ("nostall/")
+    "wait_fraction": "share of the loop's time spent waiting for data (0 to 1)",
+    "batches_per_s": "batches delivered per second of the loop's time",
+    "samples_per_s": "samples delivered per second of the loop's time",
+    "workers_busy": "mean busy fraction of the workers (0 to 1)",
+    "in_flight": "mean batches in flight when a batch was delivered",
+    "restarts": "workers replaced so far (crashed, killed, hung)",
+    "skipped": "samples skipped so far (on_sample_error='skip')",
+    "num_workers": "workers in use now",
+}
+
+
 class LoaderStats:
     """Statistics of one loader or ``nostall.watch`` wrapper, live: every read
     reflects the batches delivered so far. ``print(stats)`` gives a summary."""
@@ -354,6 +366,7 @@ class LoaderStats:
     def __init__(self, recorder: Recorder, num_workers: int | None = None) -> None:
         self._rec = recorder
         self.num_workers = num_workers
+        self._window: tuple | None = None  # the totals at the last scalars() call
 
     # -- the loop --------------------------------------------------------------
     @property
@@ -498,6 +511,40 @@ class LoaderStats:
                        for e in self.epochs],
         }
 
+    def scalars(self, prefix: str = "nostall/") -> dict[str, float]:
+        """The figures since the previous call (the first call: since the start) as a flat
+        ``{name: float}`` for ``SummaryWriter.add_scalars``, ``wandb.log`` or Lightning's
+        ``self.log_dict``. Names (after ``prefix``), see SCALAR_NAMES:
+        ``wait_fraction``, ``batches_per_s``, ``samples_per_s``, then with workers
+        (nostall.DataLoader) ``workers_busy`` (mean busy fraction), ``in_flight`` (mean
+        batches in the window at delivery), ``restarts`` and ``skipped`` (totals) and
+        ``num_workers``. Figures not known (no batch in the window) are left out."""
+        batches, wait, step, samples = self._rec._totals_now()
+        now = _clock()
+        workers = self._rec.workers()
+        busy = sum(workers.busy_s) if workers is not None else 0.0
+        flight = (workers.in_flight_sum, workers.deliveries) if workers is not None else (0, 0)
+        b0, w0, s0, n0, t0, busy0, f0 = self._window or (
+            0, 0.0, 0.0, 0, workers.started if workers is not None else now, 0.0, (0, 0))
+        self._window = (batches, wait, step, samples, now, busy, flight)
+        out: dict[str, float] = {}
+        loop_s = (wait - w0) + (step - s0)
+        if loop_s > 0:
+            out["wait_fraction"] = (wait - w0) / loop_s
+            out["batches_per_s"] = (batches - b0) / loop_s
+            out["samples_per_s"] = (samples - n0) / loop_s
+        if workers is not None:
+            count = workers.started_workers
+            if now > t0 and count:
+                out["workers_busy"] = min(1.0, (busy - busy0) / ((now - t0) * count))
+            if flight[1] > f0[1]:
+                out["in_flight"] = (flight[0] - f0[0]) / (flight[1] - f0[1])
+            sup = workers.supervisor
+            out["restarts"] = float(sup.restart_count if sup is not None else 0)
+            out["skipped"] = float(sup.skipped_total if sup is not None else 0)
+            out["num_workers"] = float(workers.tuner.workers if workers.tuner is not None else count)
+        return {prefix + name: float(value) for name, value in out.items()}
+
     def __str__(self) -> str:
         lines = []
         for e in self.epochs:
@@ -539,15 +586,31 @@ class LoaderStats:
         return (f"<LoaderStats {self.batches} batches, waiting {self.waiting_fraction:.0%}, "
                 f"{self.samples_per_s:.0f} samples/s>")
 
-    def export_trace(self, path: str | Path) -> Path:
+    def export_trace(self, path: str | Path, profiler_trace: str | Path | None = None) -> Path:
         """Write the timeline as Chrome trace-event JSON (open it in Perfetto or
         chrome://tracing): the loop's waits and steps, each epoch, and each
-        worker's batches (nostall.DataLoader). Returns the path."""
+        worker's batches (nostall.DataLoader). Returns the path.
+
+        ``profiler_trace``: a torch.profiler trace (``prof.export_chrome_trace(...)``);
+        its events and nostall's are written together to ``path`` on the profiler's
+        clock (wall-clock microseconds less its ``baseTimeNanoseconds``), so one file
+        shows the loop's waits, the workers' batches and the profiled operators."""
         rec = self._rec
-        origin = rec.created
+        merged: dict | None = None
+        if profiler_trace is None:
+            origin, offset_us, pid0 = rec.created, 0.0, 0
+        else:
+            merged = json.loads(Path(profiler_trace).read_text())
+            if not isinstance(merged, dict) or "traceEvents" not in merged:
+                raise ValueError(f"`profiler_trace` {str(profiler_trace)!r} is not a Chrome trace with "
+                                 "'traceEvents'; pass the file written by prof.export_chrome_trace().")
+            # monotonic -> wall clock, read now (exact unless the wall clock was stepped since)
+            origin = 0.0
+            offset_us = (time.time() - _clock()) * 1e6 - int(merged.get("baseTimeNanoseconds", 0)) / 1e3
+            pid0 = 1 << 30  # clear of the profiler's pids (real pids, and device numbers for GPUs)
 
         def us(t: float) -> float:
-            return round((t - origin) * 1e6, 1)
+            return round((t - origin) * 1e6 + offset_us, 1)
 
         events: list[dict] = [
             {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "training loop"}},
@@ -572,7 +635,7 @@ class LoaderStats:
                            "dur": max(0.0, us(stop) - us(began)), "cat": "epoch"})
             if first is not None:
                 label = "time to first batch" if number == 0 else "pause between epochs"
-                start = origin if number == 0 else began
+                start = rec.created if number == 0 else began
                 events.append({"name": label, "ph": "X", "pid": 0, "tid": 1, "ts": us(start),
                                "dur": us(first) - us(start), "cat": "epoch"})
         workers = rec.workers()
@@ -586,6 +649,14 @@ class LoaderStats:
                                "args": {"epoch": epoch, "batch": batch_no}})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
-                                    "otherData": {"summary": self.to_dict()}}))
+        if merged is None:
+            path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
+                                        "otherData": {"summary": self.to_dict()}}))
+            return path
+        for event in events:
+            event["pid"] += pid0
+            if event.get("name") == "process_name":
+                event["args"]["name"] = "nostall: " + event["args"]["name"]
+        merged["traceEvents"].extend(events)
+        path.write_text(json.dumps(merged))
         return path
