@@ -46,12 +46,18 @@ _WHERE = {
     "worker_rng": "_seeding",
 }
 
+# Submodules reachable as attributes (``nostall.lightning``); not in __all__: each
+# imports a framework.
+_SUBMODULES = {"lightning"}
+
 __all__ = sorted(_WHERE, key=lambda name: (name[0].islower(), name))
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """Import a public name's module on first use and keep the name here."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'nostall' has no attribute {name!r}")
