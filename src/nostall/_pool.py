@@ -454,7 +454,6 @@ class ProcessPool:
             if factory.exitcode is not None:
                 factory.close()
 
-
     def _end_direct(self) -> None:
         """End the workers forked from this process as the factory ends its own: they
         finish their batch (their pipe is closed), then a stuck one is killed."""
