@@ -20,8 +20,18 @@ from conftest import flat_indices
 from toy_datasets import Indexed, RandomValues
 
 import nostall
+import nostall._pool
 
 METHODS = ["fork", "spawn"]
+
+
+@pytest.fixture(autouse=True)
+def every_worker_from_the_factory(monkeypatch):
+    """Under fork the first workers are forked by the loader's process itself and the
+    factory starts with the first replacement; the tests that SIGKILL the factory from
+    the first batch on have every worker made by it (the tests at the end of this file
+    cover the loader's own workers)."""
+    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", False)
 
 
 def _gen(seed=0):
@@ -227,4 +237,131 @@ def test_no_zombie_or_child_after_close(method):
         assert len(list(it)) == 7
         assert factory_pid(loader) != first
         loader.close()
+    assert zombies_and_children() == ([], [])
+
+
+# --------------------------------------------------------------------------- fork: the first workers are the loader's own
+
+
+def _ppid(pid: int) -> int:
+    return psutil.Process(pid).ppid()
+
+
+def _kill_and_wait(pid: int) -> None:
+    fd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert select.select([fd], [], [], 30.0)[0]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_fork_first_workers_are_the_loaders_children_and_the_factory_starts_on_demand(monkeypatch):
+    """Under fork the first workers are forked straight from the loader's process, as
+    torch's are (no factory in between on the way to the first batch); a replacement
+    comes from a factory started for it. Batches match torch's; close() leaves nothing."""
+    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", True)
+    dataset = Indexed(96)
+    kw = dict(batch_size=8, shuffle=True, num_workers=2)
+    torch_loader = tud.DataLoader(dataset, generator=_gen(), **kw)
+    expected = [[b.tolist() for b in torch_loader] for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = nostall.DataLoader(dataset, generator=_gen(), multiprocessing_context="fork", **kw)
+        it = iter(loader)
+        got = [next(it).tolist()]
+        pool = loader._engine.pool
+        first = loader.worker_pids()
+        assert [_ppid(p) for p in first] == [os.getpid()] * 2
+        assert pool.factory_pid is None
+        _kill_and_wait(first[0])
+        got += [b.tolist() for b in it]
+        second = [b.tolist() for b in loader]
+        pids = loader.worker_pids()
+        factory = pool.factory_pid
+        assert factory is not None and _ppid(factory) == os.getpid()
+        new = (set(pids) - {first[1]}).pop()
+        assert _ppid(new) == factory
+        restarts = loader.stats.restarts
+        loader.close()
+    assert [got, second] == expected
+    assert first[1] in pids and first[0] not in pids  # worker 1 lives on; worker 0 was replaced
+    assert len(restarts) == 1 and restarts[0].startswith(f"nostall worker 0 (pid {first[0]}) was killed by SIGKILL")
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not any("worker factory" in m for m in said), said
+    assert still_running([factory, new, *first]) == []
+    assert zombies_and_children() == ([], [])
+
+
+@pytest.mark.timeout(120)
+def test_factory_death_spares_the_loaders_own_workers(monkeypatch):
+    """Under fork, SIGKILL the factory (started for a replacement): only the workers it
+    made die with it and are replaced; the loader's own worker keeps its pid; torch's
+    batches, each once; nothing left after close()."""
+    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", True)
+    dataset = Indexed(160)
+    kw = dict(batch_size=8, shuffle=True, num_workers=2)
+    expected = [b.tolist() for b in tud.DataLoader(dataset, generator=_gen(), **kw)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loader = nostall.DataLoader(dataset, generator=_gen(), multiprocessing_context="fork", **kw)
+        got = []
+        killed = None
+        for batch in loader:
+            got.append(batch.tolist())
+            if len(got) == 1:
+                own = loader.worker_pids()
+                _kill_and_wait(own[0])
+            if killed is None and loader._engine.pool.factory_pid is not None and len(loader.worker_pids()) == 2:
+                made = [p for p in loader.worker_pids() if p != own[1]]
+                assert [_ppid(p) for p in made] == [loader._engine.pool.factory_pid]
+                killed, _ = kill_factory_of(loader, made)
+        assert killed is not None
+        restarts = loader.stats.restarts
+        pids = loader.worker_pids()
+        loader.close()
+    assert got == expected
+    assert own[1] in pids  # the loader's own worker was not touched
+    assert any(r == f"the nostall worker factory (pid {killed}) was killed by SIGKILL" for r in restarts), restarts
+    lost = [r for r in restarts if "because the nostall worker factory" in r]
+    assert len(lost) == 1 and lost[0].startswith("nostall worker 0 "), restarts
+    assert still_running([killed, *own, *pids]) == []
+    assert zombies_and_children() == ([], [])
+
+
+def kill_factory_of(loader, workers) -> tuple[int, list]:
+    """SIGKILL the factory and wait until ``workers`` (the ones it made) have ended."""
+    pid = loader._engine.pool.factory_pid
+    fds = [os.pidfd_open(w) for w in workers]
+    try:
+        os.kill(pid, signal.SIGKILL)
+        for fd in fds:
+            assert select.select([fd], [], [], 30.0)[0], "a worker outlived its factory by 30 s"
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return pid, workers
+
+
+@pytest.mark.timeout(60)
+def test_fork_loader_on_another_thread_forks_through_the_factory(monkeypatch):
+    """PR_SET_PDEATHSIG follows the thread that forked: a loader started on another
+    thread has its workers made by the factory (they die with the process, not the thread)."""
+    import threading
+
+    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", True)
+    out = {}
+
+    def run():
+        with nostall.DataLoader(Indexed(32), batch_size=8, num_workers=2, multiprocessing_context="fork") as loader:
+            out["batches"] = [b.tolist() for b in loader]
+            out["parents"] = {_ppid(p) for p in loader.worker_pids()}
+            out["factory"] = loader._engine.pool.factory_pid
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(50)
+    assert len(out["batches"]) == 4
+    assert out["parents"] == {out["factory"]} and out["factory"] != os.getpid()
     assert zombies_and_children() == ([], [])

@@ -498,7 +498,7 @@ RANKS = textwrap.dedent("""
 @pytest.mark.timeout(120)
 def test_rank_ended_by_torch_spawn_leaves_no_process(tmp_path):
     """One rank fails; torch.multiprocessing.spawn ends the others with SIGTERM (no
-    cleanup runs in them). nostall's factory and workers of that rank end too (torch's
+    cleanup runs in them). nostall's workers (and factory, if any) of that rank end too (torch's
     own workers are left running in this case, as seen on torch 2.13)."""
     script = tmp_path / "ranks.py"
     script.write_text(RANKS)
@@ -508,7 +508,7 @@ def test_rank_ended_by_torch_spawn_leaves_no_process(tmp_path):
     assert "SPAWN-RAISED ProcessRaisedException" in run.stdout, run.stderr[-3000:]
     assert "ValueError: rank 0 fails" in run.stdout + run.stderr
     pids = [int(p) for rank in (0, 1) for p in (tmp_path / f"pids.{rank}").read_text().split()]
-    assert len(pids) >= 6  # per rank: the factory and two workers
+    assert len(pids) >= 4  # per rank: two workers (fork: forked by the rank itself; no factory until a replacement)
     left = wait_gone(pids, 5.0)
     assert not left, f"processes {sorted(left)} outlived their rank"
 

@@ -62,11 +62,10 @@ def test_workers_and_factory_are_named(method):
     try:
         it = iter(loader)
         first = next(it)
-        _assert_named(loader._engine.pool._factory.pid, "nostall-factory", "nostall-factory")
         pids = dict(started.get(timeout=30) for _ in range(2))
         for worker_id, pid in pids.items():
             _assert_named(pid, f"nostall-worker-{worker_id}", f"nostall-wkr-{worker_id}")
-        # A replacement (forked from the renamed factory) is named too.
+        # A replacement (forked from the factory, which names itself) is named too.
         os.kill(pids[1], signal.SIGKILL)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "nostall started a new worker"
@@ -78,6 +77,8 @@ def test_workers_and_factory_are_named(method):
         worker_id, new = started.get(timeout=30)
         assert worker_id == 1 and new != pids[1]
         _assert_named(new, "nostall-worker-1", "nostall-wkr-1")
+        # The factory that forked it (under fork, started for this replacement).
+        _assert_named(loader._engine.pool.factory_pid, "nostall-factory", "nostall-factory")
     finally:
         loader.close()
     assert _proc(os.getpid(), "cmdline") == own_cmdline  # the loader's own process keeps its name

@@ -1,6 +1,7 @@
 """Persistent worker pools behind one small interface: submit, poll, close.
 
-``ProcessPool`` runs workers forked from a factory process (see ``_zygote``);
+``ProcessPool`` runs workers forked from a factory process (see ``_zygote``), and
+under ``fork`` its first workers straight from this process;
 ``ThreadPool`` runs them as threads of this process. Both deliver
 ``(worker_id, Result)`` pairs from ``poll``. A worker that disappears is reported as
 a ``Result`` of kind "died" whose payload is a :class:`WorkerExit`.
@@ -41,6 +42,12 @@ def _disown_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_disown_after_fork)
+
+# Under fork, start the first workers with one fork each from this process, as torch
+# does: a worker forked by the factory (itself a fork of this process) starts 5-10 ms
+# later, which is most of a short run's time to first batch. The factory is started
+# when a worker must be replaced or added. False: every worker comes from the factory.
+FORK_FIRST_WORKERS = True
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,11 @@ class ProcessPool:
     each of them as died, and the next worker started brings up a new factory (a
     new fork of this process, or a fresh interpreter sent the spec again). A factory
     that ends by itself before it answered (it could not start: an unguarded main
-    script, a dataset that cannot be unpickled) raises instead: a new one would too."""
+    script, a dataset that cannot be unpickled) raises instead: a new one would too.
+
+    Under ``fork`` (see ``FORK_FIRST_WORKERS``) the first workers are this process's
+    own children and no factory runs until a worker is replaced or added; such a
+    worker is reaped here (``_direct``) and does not die with a factory."""
 
     passes_attrs = True  # workers hold their own copy of the dataset
     can_restart = True
@@ -122,17 +133,28 @@ class ProcessPool:
         self._exits: dict[int, WorkerExit] = {}
         self._lost: list = []  # (worker_id, Result) of workers that died with a factory, not yet polled
         self.factory_exits: list[FactoryExit] = []  # factories this pool lost
-        self._factory = None  # None between a factory's death and the next worker start
+        self._factory = None  # None before the first factory (fork), and between a factory's death and the next worker start
+        self._control = self._factory_fd = None
+        self._answered = False
+        self._direct: dict = {}  # worker_id -> multiprocessing.Process of workers forked from this process
+        self._retired: list = []  # such processes replaced before they were seen to end: reaped in close()
         self._closed = False
         self.owner_pid = os.getpid()
-        self._start_factory()
-        _pools.add(self)  # after the first factory's fork: the hook is for later forks
+        # PR_SET_PDEATHSIG fires when the forking *thread* ends: fork workers from this
+        # process only on the main thread, so that they die with the process, not the thread.
+        direct = method == "fork" and FORK_FIRST_WORKERS and threading.current_thread() is threading.main_thread()
+        if not direct:
+            self._start_factory()
+        _pools.add(self)  # after the first factory's fork, before the workers': the hook is for later forks
         # multiprocessing's exit handler joins every non-daemonic child, the factory
         # included, and in a multiprocessing child (torch.multiprocessing.spawn) it is
         # the only cleanup that runs: close the pool first, or that join never ends.
         self._at_exit = util.Finalize(self, _close_at_exit, args=(weakref.ref(self),), exitpriority=10)
         for worker_id in range(num_workers if start is None else start):
-            self._start_worker(worker_id)
+            if direct:
+                self._fork_worker(worker_id)
+            else:
+                self._start_worker(worker_id)
 
     @property
     def factory_pid(self) -> int | None:
@@ -176,14 +198,51 @@ class ProcessPool:
         The factory is not this process's child: multiprocessing's exit handler would
         otherwise try to join it and fail ("can only join a child process")."""
         for conn in [*self._conns.values(), self._control]:
-            conn.close()
-        multiprocessing.process._children.discard(self._factory)  # noqa: SLF001 (see above)
+            if conn is not None:
+                conn.close()
+        for proc in [self._factory, *self._direct.values(), *self._retired]:
+            multiprocessing.process._children.discard(proc)  # noqa: SLF001 (see above)
 
     def add(self, worker_id: int) -> None:
         """Start one more worker (num_workers="auto")."""
         self._start_worker(worker_id)
 
+    def _fork_worker(self, worker_id: int) -> None:
+        """Fork worker ``worker_id`` straight from this process (see ``FORK_FIRST_WORKERS``)."""
+        mine, theirs = connection.Pipe(duplex=True)
+        # In _conns before the fork: the child's fork hook closes its copy of our end.
+        self._conns[worker_id] = mine
+        self._worker_of[mine] = worker_id
+        proc = self._ctx.Process(
+            target=_zygote.direct_worker_main,
+            args=(theirs, worker_id, self.num_workers, self._base_seed, self._spec),
+            name=f"nostall-worker-{worker_id}",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        finally:
+            theirs.close()
+        self._direct[worker_id] = proc
+        self.pids[worker_id] = proc.pid
+
+    def _reap_direct(self, worker_id: int, timeout: float) -> WorkerExit:
+        """Reap a worker forked from this process whose pipe ended, with its exit status."""
+        proc = self._direct.pop(worker_id)
+        proc.join(timeout)
+        if proc.exitcode is None:  # its pipe closed but it lingers: reaped in close()
+            self._retired.append(proc)
+            return WorkerExit(worker_id, proc.pid, None)
+        if proc.exitcode < 0:  # killed: it may have been making a shared tensor
+            _limits.remove_stranded_shm(proc.pid)
+        exit = WorkerExit(worker_id, proc.pid, proc.exitcode)
+        proc.close()
+        return exit
+
     def _start_worker(self, worker_id: int) -> None:
+        proc = self._direct.pop(worker_id, None)
+        if proc is not None:  # replaced before its end was seen: reap it in close()
+            self._retired.append(proc)
         if self._factory is None:
             self._start_factory()  # the last one died; its workers were reported as died
         mine, theirs = connection.Pipe(duplex=True)
@@ -269,7 +328,7 @@ class ProcessPool:
         """The factory is gone (its pidfd is readable, or its end of the control pipe
         closed), and so are its workers (``_zygote.die_with_parent``). Raise if it never
         started; otherwise report every worker as died and start a new factory with
-        the next worker."""
+        the next worker. Workers forked from this process are not the factory's: they live on."""
         factory, self._factory = self._factory, None
         self._close_factory_fd()
         try:  # what it said before it died (the pids of the workers it started)
@@ -301,7 +360,7 @@ class ProcessPool:
         if factory.exitcode is not None:
             factory.close()
         pids = []
-        for worker_id in sorted(self._conns):
+        for worker_id in sorted(w for w in self._conns if w not in self._direct):
             pid = self.pids.get(worker_id)
             pids.append(pid)
             self._lost.append((worker_id, _worker.Result("died", -1, WorkerExit(
@@ -317,6 +376,8 @@ class ProcessPool:
     def _exit_of(self, worker_id: int) -> WorkerExit:
         # The factory reports the exit status just after the pipe closes; wait briefly.
         # If the factory itself is gone, reading its pipe reports the worker with it.
+        if worker_id in self._direct:  # this process's child: reap it here
+            return self._reap_direct(worker_id, 1.0)
         deadline = time.monotonic() + 1.0
         while (worker_id in self._conns and self._factory is not None and not self._exit_known(worker_id)
                and time.monotonic() < deadline):
@@ -383,6 +444,8 @@ class ProcessPool:
                 self._control.send(("stop",))
             except OSError:
                 pass
+        self._end_direct()  # meanwhile the factory ends its own workers
+        if factory is not None:
             factory.join(2.0)
             if factory.is_alive():
                 factory.kill()
@@ -390,6 +453,25 @@ class ProcessPool:
             self._control.close()
             if factory.exitcode is not None:
                 factory.close()
+
+    def _end_direct(self) -> None:
+        """End the workers forked from this process as the factory ends its own: they
+        finish their batch (their pipe is closed), then a stuck one is killed."""
+        procs = [*self._direct.values(), *self._retired]
+        self._direct.clear()
+        self._retired = []
+        deadline = time.monotonic() + _zygote._EXIT_GRACE_S  # noqa: SLF001 (the factory's grace, shared)
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()  # stuck in dataset code: it cannot finish by itself
+        for proc in procs:
+            proc.join(1.0)
+            if proc.exitcode is not None:
+                if proc.exitcode < 0:
+                    _limits.remove_stranded_shm(proc.pid)  # killed: it may have been making a shared tensor
+                proc.close()
 
 
 def _pidfd(pid: int) -> int | None:

@@ -4,8 +4,10 @@ Under ``spawn`` and ``forkserver`` the loader starts one fresh interpreter, send
 the dataset, collate_fn and worker_init_fn once, and that process forks every worker.
 Workers therefore start in milliseconds, in parallel, without importing torch or
 unpickling the dataset again; the factory itself is single-threaded, so forking it is
-as safe as a forkserver. Under ``fork`` the factory is a fork of the loader's process
-and nothing is serialized at all. The factory stays alive to replace or add workers.
+as safe as a forkserver. Under ``fork`` the first workers are forked straight from the
+loader's process, as torch's are (one fork, not two, before the first batch), and the
+factory, a fork of the loader's process (nothing is serialized at all), is started when
+a worker has to be replaced or added. The factory stays alive to replace or add workers.
 
 Protocol on the control pipe (loader -> factory): ``("start", worker_id)`` followed by
 the worker's pipe end as a passed file descriptor; ``("stop",)`` to end. The factory
@@ -46,6 +48,16 @@ def _worker_entry(fd: int, worker_id: int, num_workers: int, base_seed: int, spe
     die_with_parent()
     _procname.set_process_name(*_procname.worker_names(worker_id))  # for ps, top, OOM reports
     conn = connection.Connection(fd)
+    _worker.process_main(conn, worker_id, num_workers, base_seed, spec)
+
+
+def direct_worker_main(conn, worker_id: int, num_workers: int, base_seed: int, spec) -> None:
+    """Body of a worker forked straight from the loader's process (``fork``: the first
+    workers, see ``_pool.ProcessPool``). Set up as a factory-made worker is: it dies with
+    the loader, names itself, and keeps the collector off the objects it inherited."""
+    die_with_parent()  # the pool forks from the main thread only: PDEATHSIG follows the forking thread
+    _procname.set_process_name(*_procname.worker_names(worker_id))
+    gc.freeze()
     _worker.process_main(conn, worker_id, num_workers, base_seed, spec)
 
 
