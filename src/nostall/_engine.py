@@ -27,21 +27,19 @@ from dataclasses import dataclass
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
 from . import _datapipes, _limits, _seeding, _transport
-from ._autotune import AutoTuner, initial_workers
+from ._autotune import AutoTuner
 from ._config import PoolConfig
-from ._distributed import local_cpu_budget
-from ._engine_faults import FaultHandling
-from ._engine_resume import Resuming
-from ._engine_tuning import Tuning
 from ._large_containers import find_large_containers
+from ._ledger import Ledger
 from ._pinning import Pinner
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool
-from ._resume import Streams
 from ._schedule import Scheduler
 from ._stats import WorkerLog
-from ._supervise import Supervisor
-from ._worker import BatchMaker, Pause, PipeOnly, Result, Task, WorkSpec
+from ._supervise import Supervision, Supervisor
+from ._transport_policy import TransportPolicy
+from ._tuning import TuningDriver
+from ._worker import BatchMaker, Pause, Result, Task, WorkSpec
 
 _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not worth a warning
 _warned_copy_on_read = False
@@ -122,11 +120,13 @@ class _InFlight:
     wanted: bool = True
 
 
-class Engine(Resuming, FaultHandling, Tuning):
+class Engine:
     """Runs epochs for one loader. Holds no reference to the loader object itself.
 
-    Its parts in resume, supervision and auto-tuning live in ``_engine_resume``,
-    ``_engine_faults`` and ``_engine_tuning``."""
+    It keeps the window (batches in flight and ready) and the hot path, and holds
+    its parts: ``ledger`` (what was delivered; resume, ``_ledger``), ``tuning``
+    (auto-tuning, ``_tuning``), ``supervision`` (dead and hung workers,
+    ``_supervise``) and ``transport`` (/dev/shm or pipes, ``_transport_policy``)."""
 
     def __init__(self, config: PoolConfig, planner: Planner, spec: WorkSpec, ctx, pin_device):
         self.config = config
@@ -145,41 +145,30 @@ class Engine(Resuming, FaultHandling, Tuning):
         self.worker_log: WorkerLog | None = None  # for loader.stats
         self.keep_spans = False  # keep each batch's span for the trace (set by a loader with stats on)
         self._worker_dstate: dict[int, dict] = {}
+        self._start_dstate: dict | None = None  # the dataset's attributes when the pool started
         self._current: EpochPlan | None = None
-        self._deliver_no = 0
-        self._rr = None  # iterable datasets: round-robin over active workers
-        self._active: set = set()
-        self._skipped: set = set()
-        self._last_done: dict[int, float] = {}  # worker -> when it last finished a batch
+        self._epoch_samples: int | None = None  # samples in the current epoch, if known
         self.supervisor = Supervisor(config)
+        self.supervision = Supervision(self, self.supervisor)
+        self.ledger = Ledger(config, planner, spec.dataset)
+        self.tuning = TuningDriver(config)
+        self.transport = TransportPolicy()
         # on_sample_error="skip": samples are counted against the limit as their batch is delivered
         # (an iterable dataset's stream cannot go on after its iterator raised: its errors raise).
         self._skipping = config.on_sample_error == "skip" and not planner.iterable
-        self._shm_checked = False
-        self._epoch_over = False  # the current epoch raised StopIteration
-        self._delivered: set = set()  # in_order=False: batches delivered after the prefix (see _mark_delivered)
-        self._resume = None  # the loaded state, applied by the next begin_epoch
-        self._prefix = 0  # in_order=False: batches 0.._prefix-1 are all delivered (see _delivered_prefix)
-        self._streams: Streams | None = None  # iterable datasets: each worker's position (for resume)
-        self._made_by: dict = {}  # iterable datasets: key of a ready batch -> (worker, state, ended)
-        self._first_counters: dict | None = None  # the dataset's epoch counters at the start (see _counters)
-        self._loaded_counters: dict | None = None  # those of a loaded state, checked at its first epoch
         self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
-        self.tuner: AutoTuner | None = None  # num_workers="auto" / prefetch_factor="auto" / worker_type="auto"
         self._kind = "thread" if config.worker_type == "thread" else "process"  # the pool's workers
-        self._kind_open = config.worker_type == "auto"  # not chosen yet (processes until then)
-        self._drew_global = False  # a watched batch drew from the global RNGs
         self._started_workers = 0
-        self._loop_returned = 0.0  # when the loop last got a batch (for the tuner)
-        self._polled = 0.0
-        self._tuned_cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
-        self._pipe_only: str | None = None  # why batches no longer go through /dev/shm
         self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
-        self._started: set = set()  # process workers that finished starting (see _engine_faults)
         self._ramp: int | None = None  # batches in flight until the pool's first answer (see _start_pool)
         self.closed = False
         self.forked = False  # this process is a fork of the one that started the pool (see _mark_forked)
         _engines.add(self)
+
+    @property
+    def tuner(self) -> AutoTuner | None:
+        """num_workers="auto" / prefetch_factor="auto" / worker_type="auto": the tuner, once a pool started."""
+        return self.tuning.tuner
 
     # -- epochs -----------------------------------------------------------------
     def begin_epoch(self) -> EpochPlan:
@@ -193,19 +182,9 @@ class Engine(Resuming, FaultHandling, Tuning):
         for task in self._inflight.values():
             if task.plan is not plan:
                 task.wanted = False  # an abandoned epoch or a discarded prediction
-        self._ready = {k: r for k, r in self._ready.items() if k[0] == plan.serial}
-        self._arrivals = [k for k in self._arrivals if k in self._ready]
-        if self._pinner is not None:
-            self._pinner.keep_only(r.task_id for r in self._ready.values())
+        self._keep_ready(plan.serial)
         self._current = plan
-        self._deliver_no = 0
-        self._skipped = set()
-        self._epoch_over = False
-        self._delivered = set()
-        self._prefix = 0
-        resume, self._resume = self._resume, None
-        if resume is not None:
-            self._skip_delivered(plan, resume)
+        resume = self.ledger.begin(plan)
         self._epoch_samples = self.planner.epoch_samples()
         if self.worker_log is None:
             self.worker_log = WorkerLog(self.config.num_workers, self.config.window, self.supervisor,
@@ -220,33 +199,45 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._start_pool()
             started = True
         if self.planner.iterable:
-            self._begin_streams(plan, resume["streams"] if resume is not None else None)
+            own_copies = self.pool is None or self.pool.passes_attrs
+            self._send_resume(plan, self.ledger.begin_streams(
+                plan, resume["streams"] if resume is not None else None, self._inline is not None, own_copies))
         if self.pool is not None:
             self._fill()  # the workers start on this epoch now, as torch's iter() does
         if started and self._kind != "thread":
             _warn_copy_on_read(self.spec.dataset, self.config.num_workers)  # after: it takes a few ms
         return plan
 
+    def _send_resume(self, plan: EpochPlan, messages: list) -> None:
+        """Iterable datasets after a resume: tell each worker where its stream starts."""
+        for w, msg in messages:
+            if self._inline is not None:
+                self._inline.resume(msg)
+                continue
+            if self.pool.passes_attrs and self.config.sync_dataset:  # attributes first: they must not overwrite the loaded state
+                self._sync_dataset(w, plan)
+            self.pool.submit(w, msg)
+
+    def state_dict(self) -> dict:
+        """Where the loop is (see ``Ledger.state_dict``)."""
+        return self.ledger.state_dict(self._current, self._inline is not None)
+
+    def load(self, state: dict) -> None:
+        """Make the next ``begin_epoch`` continue the saved epoch after its delivered batches."""
+        self.ledger.load(state)
+
     def _start_pool(self) -> None:
         n, seed = self.config.num_workers, self.planner.base_seed
-        start = None
-        if self.config.auto_workers or self.config.auto_prefetch or self._kind_open:
-            if self.tuner is None:
-                budget = local_cpu_budget()  # usable CPUs shared among this machine's ranks
-                first = initial_workers(budget, n) if self.config.auto_workers else n
-                self.tuner = AutoTuner(n, budget, first, self.config.prefetch_factor or 2,
-                                       tune_workers=self.config.auto_workers,
-                                       tune_prefetch=self.config.auto_prefetch)
-                self.worker_log.tuner = self.tuner
-            start = self.tuner.workers
+        start = self.tuning.start(n)
+        if self.tuning.tuner is not None:
+            self.worker_log.tuner = self.tuning.tuner
         if self._kind == "thread":
             self.pool = ThreadPool(self.spec, n, seed, start)
         else:
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
             self.pool = ProcessPool(self._ctx, self.spec, n, seed, start)
-            if self._pipe_only:
-                for w in range(n):
-                    self.pool.submit(w, PipeOnly(self._pipe_only))
+            for w in range(n):
+                self.transport.tell(self.pool, w)
         self._started_workers = n if start is None else start
         self.worker_log.started_workers = self._started_workers
         self._sched = Scheduler(self._started_workers)
@@ -255,10 +246,8 @@ class Engine(Resuming, FaultHandling, Tuning):
         # batch). The rest start when it arrives; busy CPUs lose nothing meanwhile.
         cpus = max(1, int(self._sched.cpus))
         self._ramp = cpus if self._kind != "thread" and self._started_workers > cpus else None
-        self._tuned_cpu = (time.process_time(), 0.0)
-        self._last_done = {}
-        self._started = set()
-        self.supervisor.pool_started()
+        self.tuning.pool_started()
+        self.supervision.pool_started()
         self._start_dstate = object_state(self.spec.dataset)
         self._worker_dstate = {w: self._start_dstate for w in range(n)}
 
@@ -274,29 +263,33 @@ class Engine(Resuming, FaultHandling, Tuning):
             )
         if self._inline is not None:
             return self._next_inline(plan)
-        called = time.monotonic() if self.tuner is not None else 0.0
-        self._polled = 0.0  # seconds this call spent waiting for workers (for the tuner)
+        tuning = self.tuning
+        called = time.monotonic() if tuning.tuner is not None else 0.0
+        tuning.polled = 0.0  # seconds this call spent waiting for workers (for the tuner)
         plan.waiting_since = None  # torch's `timeout` counts from when this call starts waiting
         while True:
             result = self._take_ready(plan)
             if result is not None:
                 self.worker_log.delivered(self._occupancy() + 1)  # the pool exists: results came from it
-                if self.tuner is not None:
+                if tuning.tuner is not None:
                     self._tune(called)
                 self._fill()  # the slot it held goes to new work before the user's step
                 return self._deliver(result)
             self._fill()
             if self._epoch_done(plan):
-                self._epoch_over = True
                 if not self.config.persistent:
                     self._close_pool()
-                if self._skipping and self._epoch_samples is None:
-                    self.supervisor.epoch_ended(plan)
+                self._end_epoch(plan)
                 raise StopIteration
             arrived = self._poll(plan)
             for worker_id, result in arrived:
                 self._receive(worker_id, result)
-            self._check_hangs()
+            self.supervision.check_hangs()
+
+    def _end_epoch(self, plan: EpochPlan) -> None:
+        self.ledger.epoch_over = True
+        if self._skipping and self._epoch_samples is None:
+            self.supervisor.epoch_ended(plan)
 
     def _poll(self, plan: EpochPlan) -> list:
         """Wait for results, waking at least once a second to look for hung batches;
@@ -313,14 +306,15 @@ class Engine(Resuming, FaultHandling, Tuning):
             self.close()
             raise RuntimeError(_limits.too_many_open_files_text(_transport.INLINE_BYTES)) from None
         now = time.monotonic()
-        self._polled += self.pool.blocked
+        self.tuning.polled += self.pool.blocked
         if arrived or self.pool.poll_progressed:
             plan.waiting_since = now
         elif timeout is not None and now - plan.waiting_since >= timeout:
+            waiting_on = self.supervision.waiting_on(plan, self.ledger.deliver_no)
             raise RuntimeError(  # torch's sentence first: code and alerts written for torch match
                 f"DataLoader timed out after {self.config.timeout} seconds. nostall: no batch arrived "
                 f"from its {len(self._sched.load)} workers for {now - plan.waiting_since:.1f} s "
-                f"(`timeout={self.config.timeout}`){self._waiting_on()}. A sample may be stuck in the "
+                f"(`timeout={self.config.timeout}`){waiting_on}. A sample may be stuck in the "
                 "dataset's __getitem__ or be slower than `timeout`: raise `timeout` or find the slow sample."
             )
         return arrived
@@ -329,9 +323,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         while True:
             item = self.planner.pull(plan)
             if item is None:
-                self._epoch_over = True
-                if self._skipping and self._epoch_samples is None:
-                    self.supervisor.epoch_ended(plan)
+                self._end_epoch(plan)
                 raise StopIteration
             batch_no, indices = item
             if batch_no in plan.skip:
@@ -345,8 +337,8 @@ class Engine(Resuming, FaultHandling, Tuning):
                 self.supervisor.count_skipped(plan, batch_no, result, self._epoch_samples)
             if result.kind == "empty":
                 continue
-            if self._streams is not None:
-                self._streams.delivered(0, result.state, result.ended)
+            if self.ledger.streams is not None:
+                self.ledger.streams.delivered(0, result.state, result.ended)
             elif plan.sampler_states is not None:
                 plan.forget_before(batch_no)
             return self._deliver(result)
@@ -362,24 +354,18 @@ class Engine(Resuming, FaultHandling, Tuning):
             for i, key in enumerate(self._arrivals):
                 if key[0] == plan.serial:
                     del self._arrivals[i]
-                    self._mark_delivered(key[1])
-                    if self._streams is not None or plan.sampler_states is not None:
-                        self._track_delivery(plan, key)
+                    self.ledger.took_out_of_order(plan, key)
                     result = self._ready.pop(key)
                     if self._skipping:  # counted as delivered: the batches before are out already
                         self.supervisor.count_skipped(plan, key[1], result, self._epoch_samples)
                     return result
             return None
-        while self._deliver_no in self._skipped:
-            self._skipped.discard(self._deliver_no)
-            self._deliver_no += 1
-        result = self._ready.pop((plan.serial, self._deliver_no), None)
+        key = (plan.serial, self.ledger.next_in_order())
+        result = self._ready.pop(key, None)
         if result is not None:
-            self._deliver_no += 1
-            if self._streams is not None or plan.sampler_states is not None:
-                self._track_delivery(plan, (plan.serial, self._deliver_no - 1))
+            self.ledger.took_in_order(plan, key)
             if self._skipping:  # counted in delivery order: the batches before are out already
-                self.supervisor.count_skipped(plan, self._deliver_no - 1, result, self._epoch_samples)
+                self.supervisor.count_skipped(plan, key[1], result, self._epoch_samples)
         return result
 
     def _deliver(self, result: Result):
@@ -390,7 +376,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         return result.payload
 
     def _epoch_done(self, plan: EpochPlan) -> bool:
-        if self.planner.iterable and not self._active:
+        if self.planner.iterable and not self.ledger.active:
             plan.exhausted = True
         if not plan.exhausted:
             return False
@@ -402,7 +388,7 @@ class Engine(Resuming, FaultHandling, Tuning):
         return len(self._inflight) + len(self._ready)
 
     def _fill(self) -> None:
-        tuner = self.tuner
+        tuner = self.tuning.tuner
         if tuner is None:
             window = self.config.window_for(self._batch_bytes)
         else:
@@ -430,10 +416,11 @@ class Engine(Resuming, FaultHandling, Tuning):
 
     def _pick_worker(self, plan: EpochPlan):
         if self.planner.iterable:
-            if plan is not self._current or not self._active:
+            active = self.ledger.active
+            if plan is not self._current or not active:
                 return None
-            for worker_id in self._rr:
-                if worker_id in self._active:
+            for worker_id in self.ledger.rr:
+                if worker_id in active:
                     return worker_id
         return self._sched.pick(time.monotonic())
 
@@ -465,11 +452,11 @@ class Engine(Resuming, FaultHandling, Tuning):
 
     def _receive(self, worker_id: int, result: Result) -> None:
         if result.kind == "died":
-            self._replace(worker_id, result.payload)
+            self.supervision.replace(worker_id, result.payload)
             return
         if result.task_id < 0:
             if result.kind == "ready":
-                self._started.add(worker_id)
+                self.supervision.started.add(worker_id)
                 return
             self.close()  # failed while starting: nothing can run
             result.payload.reraise()
@@ -479,35 +466,75 @@ class Engine(Resuming, FaultHandling, Tuning):
             self._reseed_warned = True
             _warn_reseeded(worker_id, result.reseeded)
         if result.done:
-            self._last_done[worker_id] = result.done
+            self.supervision.last_done[worker_id] = result.done
             self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
-        if self.tuner is not None and self._kind != "thread":  # threads count in process_time
-            self._tuned_cpu = (self._tuned_cpu[0], self._tuned_cpu[1] + result.cpu)
-            self._drew_global |= result.drew_global
+        if self.tuning.tuner is not None and self._kind != "thread":  # threads count in process_time
+            self.tuning.received(result)
         for worker, seconds in self._sched.answered(worker_id, result.started, result.done, result.cpu).items():
             self.pool.submit(worker, Pause(seconds))
         if not task.wanted:
             return
         if result.kind == "stop":
-            self._active.discard(worker_id)
-            self._skipped.add(task.batch_no)
-            self._streams.stopped(worker_id, task.batch_no)
+            self.ledger.stopped(worker_id, task.batch_no)
             return
+        transport = self.transport
         if result.note.startswith("shm-full: "):
-            self._go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
-                               f"({result.note[len('shm-full: '):]}; {self._shm_text()})")
-        if not self._shm_checked and result.kind == "ok" and isinstance(self.pool, ProcessPool):
-            self._check_shm(result.payload)
+            transport.go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
+                                   f"({result.note[len('shm-full: '):]}; {transport.shm_text()})",
+                                   self.pool, self._sched.load)
+        if not transport.checked and result.kind == "ok" and isinstance(self.pool, ProcessPool):
+            transport.check(result.payload, self.config.window, self.pool, self._sched.load)
         if self.config.max_inflight_bytes is not None and result.kind == "ok":
             self._batch_bytes = max(self._batch_bytes, _transport.tensor_bytes(result.payload))
         key = (task.plan.serial, task.batch_no)
         self._ready[key] = result
         if self._pinner is not None and result.kind == "ok":
             self._pinner.start(result.task_id, result.payload)
-        if self._streams is not None:
-            self._made_by[key] = (worker_id, result.state, result.ended)
+        self.ledger.made(key, worker_id, result)
         if not self.config.in_order:
             self._arrivals.append(key)
+
+    # -- auto-tuning --------------------------------------------------------------
+    def _tune(self, called: float) -> None:
+        """Feed the tuner one delivery; apply what it decides."""
+        decision = self.tuning.delivered(called, self._sched)
+        if decision == "thread":
+            self._switch_to_threads()
+            self.tuning.switched()
+        elif decision == "apply":
+            self._apply_tuning()
+
+    def _switch_to_threads(self) -> None:
+        """worker_type="auto" chose threads: the process workers finish the batches they
+        hold (delivered as usual), then thread workers take over. Threads share the
+        user's dataset object, so an epoch prepared ahead from a predicted dataset
+        state is made again when allowed."""
+        while self._inflight:
+            for worker_id, result in self._poll(self._current):
+                self._receive(worker_id, result)
+            self.supervision.check_hangs()
+        self._close_pool()
+        self._kind = "thread"
+        self.planner.dataset_in_workers = False
+        self.planner.discard_ahead()
+        self._keep_ready(self._current.serial)
+        self._start_pool()
+
+    def _keep_ready(self, serial: int) -> None:
+        """Drop the batches made for epochs other than ``serial`` (abandoned or mispredicted)."""
+        self._ready = {k: r for k, r in self._ready.items() if k[0] == serial}
+        self._arrivals = [k for k in self._arrivals if k in self._ready]
+        if self._pinner is not None:
+            self._pinner.keep_only(r.task_id for r in self._ready.values())
+
+    def _apply_tuning(self) -> None:
+        wanted = self.tuning.tuner.workers
+        while self._started_workers < wanted:
+            self.pool.add(self._started_workers)
+            self._sched.add_worker(self._started_workers)
+            self._started_workers += 1
+        self.worker_log.started_workers = self._started_workers
+        self._sched.active = set(range(wanted))
 
     # -- lifecycle ------------------------------------------------------------
     @property

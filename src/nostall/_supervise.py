@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import signal
 import statistics
+import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -239,3 +241,145 @@ def allowed_skips(fraction: float, samples: int) -> int:
     """Samples an epoch of ``samples`` may skip: floor(fraction x samples), with a little
     room for binary fractions (0.29 x 100 is 28.999999999999996 in floating point)."""
     return math.floor(fraction * samples + 1e-9)
+
+
+class Supervision:
+    """The engine's hands for ``Supervisor``'s policy: replaces a dead worker and sends
+    its batches again, reports and stops a hung one. Owns which workers finished
+    starting and when each last finished a batch; works on the engine's pool,
+    in-flight tasks and scheduler (``engine``, which holds this object)."""
+
+    def __init__(self, engine, supervisor: Supervisor):
+        self.engine = engine
+        self.supervisor = supervisor
+        self.started: set = set()  # process workers that finished starting
+        self.last_done: dict[int, float] = {}  # worker -> when it last finished a batch
+
+    def pool_started(self) -> None:
+        """A new pool: no worker has started or finished anything yet."""
+        self.last_done = {}
+        self.started = set()
+        self.supervisor.pool_started()
+
+    def replace(self, worker_id: int, exit) -> None:
+        """A worker process is gone (``exit``: its ``WorkerExit``): start another in its
+        place and send its batches again (per-batch seeding makes them identical), or
+        give up and raise: when the batch it was making had already ended a worker (a
+        poison batch), when too many workers died, or for an iterable dataset (its
+        stream cannot move to a new worker)."""
+        e, sup = self.engine, self.supervisor
+        held = sorted((tid, t) for tid, t in e._inflight.items() if t.worker_id == worker_id)
+        started = worker_id in self.started  # it had said "ready": it died making a batch
+        self.started.discard(worker_id)
+        # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
+        making = held[0][1] if held and started and held[0][1].wanted else None
+        what = self.describe(making) if making is not None else None
+        hung = sup.hung.get(worker_id)
+        head = "" if hung else torch_death_text(exit)
+        doing = (" while starting, before its first batch (in worker_init_fn or earlier)" if not started
+                 else f" while making {what}" if what else "")
+        short = hung or exit.describe()
+        cause = sup.death_cause(worker_id, exit, doing)
+        transport = e.transport
+        shm_full = exit.exitcode == -signal.SIGBUS and not transport.pipe_only and e.pool.passes_attrs
+        if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
+            cause += f". Likely cause: /dev/shm is full ({transport.shm_text()})"
+            transport.go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "
+                                   f"({transport.shm_text()})", e.pool, e._sched.load)
+        if what is not None and exit.factory is None:  # a worker lost with its factory is no batch's fault
+            earlier = sup.strike((making.plan.serial, making.batch_no), short)
+            if len(earlier) + 1 >= POISON_STRIKES:
+                e.close()
+                raise RuntimeError(sup.poisoned(head, cause, earlier))
+        # Deaths from a full /dev/shm before the switch took effect are not the workers' fault.
+        excused = bool(transport.pipe_only) and exit.exitcode == -signal.SIGBUS
+        if exit.factory is not None:
+            allowed = sup.lost_with_factory(exit.factory, cause, e.worker_log.deliveries)
+        else:
+            allowed = sup.may_restart(cause, excused, e.worker_log.deliveries)
+        iterable = e.planner.iterable
+        if not allowed or iterable:
+            e.close()
+            raise RuntimeError(sup.gave_up(head, cause, [t.indices for _, t in held if t.wanted and started], iterable))
+        e.pool.restart(worker_id)
+        transport.tell(e.pool, worker_id)
+        e._sched.reset(worker_id)
+        self.last_done.pop(worker_id, None)
+        e._worker_dstate[worker_id] = e._start_dstate
+        again = 0
+        for tid, task in held:
+            del e._inflight[tid]
+            if task.wanted:
+                e._submit(e._sched.pick(time.monotonic()), task.plan, task.batch_no, task.indices)
+                again += 1
+        warnings.warn(
+            f"{cause.rstrip('.')}. nostall started a new worker in its place"
+            f"{' (and a new worker factory)' if exit.factory is not None else ''} (restart {sup.restart_count}; "
+            f"{sup.in_a_row} failure(s) in a row with no batch delivered, at most max_worker_restarts="
+            f"{e.config.max_restarts}) and sent its {again} unfinished batch(es) again; the epoch goes on with the "
+            "same batches." + (" If that batch ends a worker again, the loader stops and names it." if what else ""),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def describe(self, task) -> str:
+        """``"batch 5 of epoch 0 (sample indices [20, 21, 22, 23])"`` (no indices for an iterable dataset)."""
+        what = f"batch {task.batch_no} of epoch {task.plan.number}"
+        if not self.engine.planner.iterable:
+            what += f" (sample indices {task.indices})"
+        return what
+
+    def waiting_on(self, plan, next_in_order: int) -> str:
+        """For a timeout: ``", waiting for batch 3 of epoch 0 (sample indices [..]) from worker 0 (pid 12)"``."""
+        e = self.engine
+        mine = [t for t in e._inflight.values() if t.plan is plan and t.wanted]
+        if not mine:
+            return ""
+        if e.config.in_order:
+            mine = [t for t in mine if t.batch_no == next_in_order] or mine
+        task = min(mine, key=lambda t: t.batch_no)
+        what = self.describe(task)
+        pid = e.pool.pids.get(task.worker_id)
+        return f", waiting for {what} from worker {task.worker_id}" + (f" (pid {pid})" if pid else "")
+
+    def check_hangs(self) -> None:
+        """Report a batch that has run far longer than its peers, with its worker's
+        stack; then restart that worker or raise (``on_hang``)."""
+        inflight = self.engine._inflight
+        if not inflight:
+            return
+        sup = self.supervisor
+        if sup.reported:  # only tasks still in flight can be reported again
+            sup.reported.intersection_update(inflight)
+        now = time.monotonic()
+        threshold, how = sup.hang_threshold(self.engine._sched.costs())
+        oldest: dict[int, tuple] = {}
+        for tid, task in inflight.items():
+            if task.wanted and (task.worker_id not in oldest or tid < oldest[task.worker_id][0]):
+                oldest[task.worker_id] = (tid, task)
+        for worker_id, (tid, task) in oldest.items():
+            started = max(task.submitted, self.last_done.get(worker_id, 0.0))
+            if now - started <= threshold or tid in sup.reported:
+                continue
+            sup.reported.add(tid)
+            self._hung(worker_id, task, now - started, how)
+
+    def _hung(self, worker_id: int, task, elapsed: float, how: str) -> None:
+        e = self.engine
+        pid = e.pool.pids.get(worker_id)
+        who = f"nostall worker {worker_id}" + (f" (pid {pid})" if pid else " (a thread)")
+        what = f"batch {task.batch_no} of epoch {task.plan.number}"
+        if not e.planner.iterable:
+            what += f", sample indices {task.indices}"
+        message = self.supervisor.hang_message(who, what, elapsed, how, e.pool.stack(worker_id))
+        if e.config.on_hang == "raise" or not e.pool.can_restart:
+            e.close()
+            fix = ("Find why that sample never finishes (the stack above shows where it is); "
+                   "raise hang_timeout if such batches are legitimately slow")
+            if e.config.on_hang == "restart":
+                fix += "; thread workers cannot be stopped, use worker_type='process' to restart them"
+            raise RuntimeError(f"{message}\nThe loader was closed. {fix}.")
+        warnings.warn(f"{message}\nnostall stops that worker and makes its batches again in a new one "
+                      "(on_hang='restart').", RuntimeWarning, stacklevel=3)
+        self.supervisor.hung[worker_id] = f"{who} hung on {what} for {elapsed:.1f} s and was stopped"
+        e.pool.kill(worker_id)
