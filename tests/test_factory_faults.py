@@ -49,17 +49,7 @@ def kill_factory(loader) -> tuple[int, list]:
     """SIGKILL the loader's factory and wait until its workers have ended (the kernel
     kills them once the factory's exit completes): from then on the loader must notice,
     however fast the dataset is. Returns the factory's pid and the workers' pids."""
-    workers = loader.worker_pids()
-    pid = factory_pid(loader)
-    fds = [os.pidfd_open(w) for w in workers]
-    try:
-        os.kill(pid, signal.SIGKILL)
-        for fd in fds:
-            assert select.select([fd], [], [], 30.0)[0], "a worker outlived its factory by 30 s"
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return pid, workers
+    return _kill_and_wait(factory_pid(loader), loader.worker_pids())
 
 
 def zombies_and_children() -> tuple[list, list]:
@@ -247,13 +237,6 @@ def _ppid(pid: int) -> int:
     return psutil.Process(pid).ppid()
 
 
-def _kill_and_wait(pid: int) -> None:
-    fd = os.pidfd_open(pid)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        assert select.select([fd], [], [], 30.0)[0]
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.timeout(120)
@@ -332,12 +315,16 @@ def test_factory_death_spares_the_loaders_own_workers(monkeypatch):
 
 def kill_factory_of(loader, workers) -> tuple[int, list]:
     """SIGKILL the factory and wait until ``workers`` (the ones it made) have ended."""
-    pid = loader._engine.pool.factory_pid
-    fds = [os.pidfd_open(w) for w in workers]
+    return _kill_and_wait(loader._engine.pool.factory_pid, workers)
+
+
+def _kill_and_wait(pid: int, workers: list | None = None) -> tuple[int, list]:
+    """SIGKILL ``pid``; return once ``workers`` (default: ``pid`` itself) have ended."""
+    fds = [os.pidfd_open(w) for w in (workers if workers is not None else [pid])]
     try:
         os.kill(pid, signal.SIGKILL)
         for fd in fds:
-            assert select.select([fd], [], [], 30.0)[0], "a worker outlived its factory by 30 s"
+            assert select.select([fd], [], [], 30.0)[0], f"a process outlived the SIGKILL of {pid} by 30 s"
     finally:
         for fd in fds:
             os.close(fd)
