@@ -134,7 +134,8 @@ class Engine:
         self.spec = spec
         self._ctx = ctx
         # pin_memory=True: batches are pinned in a thread as they arrive, not in next()
-        self._pinner = Pinner(functools.partial(_pin, device=pin_device)) if pin_device is not None else None
+        self._pinner = (Pinner(functools.partial(_pin, device=pin_device), on_accelerator=True)
+                        if pin_device is not None else None)
         self.pool = None
         self._inline: BatchMaker | None = None
         self._task_ids = itertools.count()
