@@ -66,6 +66,8 @@ class DeviceLoader:
         return len(self.loader)
 
     def __getattr__(self, name):
+        if name == "loader":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def __enter__(self) -> DeviceLoader:
