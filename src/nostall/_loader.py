@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import torch
 import torch.utils.data as tud
+from torch.autograd import _profiler_enabled
+from torch.autograd.profiler import record_function
 
 from . import _autotune, _compat, _datapipes, _resume
 from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
@@ -19,9 +21,6 @@ from ._torch_versions import HAS_IN_ORDER, accelerator
 from ._distributed import advance_epoch, local_cpu_budget, shard_sampler
 from ._engine import Engine
 from ._plan import Planner
-from torch.autograd import _profiler_enabled
-from torch.autograd.profiler import record_function
-
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
 from ._worker import WorkSpec
 
