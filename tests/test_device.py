@@ -47,6 +47,28 @@ def test_cpu_gives_torchs_batches_without_copying():
 
 
 @pytest.mark.timeout(60)
+def test_loader_stats_report_the_hand_off():
+    with nostall.to_device(nostall.DataLoader(Indexed(64), batch_size=4, num_workers=2), "cpu") as loader:
+        assert loader.stats.device is None  # nothing handed over yet
+        for _ in loader:
+            pass
+        device = loader.stats.device
+        assert device["batches"] == 16 and device["copy_s"] > 0 and device["wait_s"] == 0.0  # no CUDA event to wait on
+        assert device["copy_s"] == pytest.approx(loader.copy_seconds)
+        scalars = loader.stats.scalars()
+        assert scalars["nostall/device_copy_ms"] == pytest.approx(1000 * loader.copy_seconds / 16)
+        assert scalars["nostall/device_wait_ms"] == 0.0
+        assert "copies to the device: 16 batches" in str(loader.stats)
+        assert loader.stats.to_dict()["device"] == device
+        for _ in loader:  # the next window holds the next epoch's copies only
+            break
+        assert set(loader.stats.scalars()) >= {"nostall/device_copy_ms", "nostall/device_wait_ms"}
+    with nostall.DataLoader(Indexed(8), batch_size=4) as plain:
+        list(plain)
+        assert plain.stats.device is None and "nostall/device_copy_ms" not in plain.stats.scalars()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("prefetch", [1, 2, 5])
 def test_at_most_prefetch_batches_ahead(prefetch):
     source = Counting(nostall.DataLoader(Indexed(64), batch_size=4, num_workers=2))

@@ -48,7 +48,8 @@ class DeviceLoader:
     Everything else (``len()``, ``set_epoch`` through the sampler, ``stats``,
     ``close()``) is the wrapped loader's. ``copy_seconds`` is the time the training
     thread spent starting copies (and pinning unpinned batches); ``wait_seconds`` the
-    time it waited for a copy to finish.
+    time it waited for a copy to finish. A nostall loader's ``stats.device`` (and
+    ``stats.scalars()``, ``str(stats)``) reports them too, per batch handed over.
     """
 
     def __init__(self, loader, device="cuda", prefetch: int = 2):
@@ -61,6 +62,9 @@ class DeviceLoader:
         self.copy_seconds = 0.0
         self.wait_seconds = 0.0
         self._state = None  # the loader's state before the oldest batch still ahead was taken
+        # nostall's loaders (and nostall.watch) report the hand-off in loader.stats too.
+        stats = getattr(loader, "stats", None)
+        self._recorder = getattr(stats, "_rec", None)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -106,15 +110,16 @@ class DeviceLoader:
             except StopIteration:
                 return False
             started = time.perf_counter()
-            ahead.append((state, *self._copy(batch, stream)))
-            self.copy_seconds += time.perf_counter() - started
+            ahead.append((state, *self._copy(batch, stream), time.perf_counter() - started))
+            self.copy_seconds += ahead[-1][-1]
             return True
 
         while len(ahead) < self.prefetch and take():
             pass
         while ahead:
-            _, batch, done = ahead.popleft()
+            _, batch, done, copy_s = ahead.popleft()
             take()  # the next copy starts before the loop gets this batch
+            wait_s = 0.0
             if done is not None:
                 started = time.perf_counter()
                 current = torch.cuda.current_stream(self.device)
@@ -122,7 +127,10 @@ class DeviceLoader:
                 for t in tree_flatten(batch)[0]:
                     if isinstance(t, torch.Tensor):
                         t.record_stream(current)  # not freed for reuse while the loop's stream uses it
-                self.wait_seconds += time.perf_counter() - started
+                wait_s = time.perf_counter() - started
+                self.wait_seconds += wait_s
+            if self._recorder is not None:
+                self._recorder.device_copied(copy_s, wait_s)
             self._state = ahead[0][0] if ahead else None
             yield batch
 

@@ -198,6 +198,16 @@ class Recorder:
         self._reset_epoch(-1, 0.0)
         self._totals = [0, 0, 0.0, 0.0]  # batches, samples, wait, step (finished epochs)
         self._log_from = (0, 0.0, 0.0, 0)  # batches, wait, step, samples at the last log line
+        self.device: list | None = None  # [batches, copy s, wait s] of a to_device hand-off
+
+    def device_copied(self, copy_s: float, wait_s: float) -> None:
+        """One batch handed to the device by ``nostall.to_device``: the training thread
+        spent ``copy_s`` starting its copy and ``wait_s`` waiting for it to finish."""
+        if self.device is None:
+            self.device = [0, 0.0, 0.0]
+        self.device[0] += 1
+        self.device[1] += copy_s
+        self.device[2] += wait_s
 
     def _reset_epoch(self, number: int, iter_called: float) -> None:
         self._number = number
@@ -356,6 +366,8 @@ SCALAR_NAMES = {  # what LoaderStats.scalars() gives, after its prefix ("nostall
     "restarts": "workers replaced so far (crashed, killed, hung)",
     "skipped": "samples skipped so far (on_sample_error='skip')",
     "num_workers": "workers in use now",
+    "device_copy_ms": "mean time per batch the loop spent starting copies to the device (to_device)",
+    "device_wait_ms": "mean time per batch the loop waited for a copy to the device (to_device)",
 }
 
 
@@ -461,6 +473,16 @@ class LoaderStats:
             return []
         return [dict(epoch=e, batch=b, index=i, error=err) for e, b, i, err in workers.supervisor.skipped]
 
+    @property
+    def device(self) -> dict | None:
+        """The hand-off to the device (``nostall.to_device``): batches copied,
+        ``copy_s`` the training thread spent starting copies (and pinning unpinned
+        batches), ``wait_s`` it waited for copies to finish; None without a hand-off."""
+        device = self._rec.device
+        if device is None:
+            return None
+        return {"batches": device[0], "copy_s": device[1], "wait_s": device[2]}
+
     # -- memory ----------------------------------------------------------------
     @property
     def peak_memory_mb(self) -> float | None:
@@ -507,6 +529,7 @@ class LoaderStats:
             "skipped": self.skipped,
             "peak_memory_mb": self.peak_memory_mb,
             "memory_metric": self.memory_metric,
+            "device": self.device,
             "epochs": [dict(asdict(e), waiting_fraction=e.waiting_fraction, samples_per_s=e.samples_per_s)
                        for e in self.epochs],
         }
@@ -518,15 +541,18 @@ class LoaderStats:
         ``wait_fraction``, ``batches_per_s``, ``samples_per_s``, then with workers
         (nostall.DataLoader) ``workers_busy`` (mean busy fraction), ``in_flight`` (mean
         batches in the window at delivery), ``restarts`` and ``skipped`` (totals) and
-        ``num_workers``. Figures not known (no batch in the window) are left out."""
+        ``num_workers``; with ``nostall.to_device``, ``device_copy_ms`` and
+        ``device_wait_ms`` (per batch). Figures not known (no batch in the window) are
+        left out."""
         batches, wait, step, samples = self._rec._totals_now()
         now = _clock()
         workers = self._rec.workers()
         busy = sum(workers.busy_s) if workers is not None else 0.0
         flight = (workers.in_flight_sum, workers.deliveries) if workers is not None else (0, 0)
-        b0, w0, s0, n0, t0, busy0, f0 = self._window or (
-            0, 0.0, 0.0, 0, workers.started if workers is not None else now, 0.0, (0, 0))
-        self._window = (batches, wait, step, samples, now, busy, flight)
+        device = tuple(self._rec.device or (0, 0.0, 0.0))
+        b0, w0, s0, n0, t0, busy0, f0, d0 = self._window or (
+            0, 0.0, 0.0, 0, workers.started if workers is not None else now, 0.0, (0, 0), (0, 0.0, 0.0))
+        self._window = (batches, wait, step, samples, now, busy, flight, device)
         out: dict[str, float] = {}
         loop_s = (wait - w0) + (step - s0)
         if loop_s > 0:
@@ -543,6 +569,9 @@ class LoaderStats:
             out["restarts"] = float(sup.restart_count if sup is not None else 0)
             out["skipped"] = float(sup.skipped_total if sup is not None else 0)
             out["num_workers"] = float(workers.tuner.workers if workers.tuner is not None else count)
+        if device[0] > d0[0]:
+            out["device_copy_ms"] = 1000 * (device[1] - d0[1]) / (device[0] - d0[0])
+            out["device_wait_ms"] = 1000 * (device[2] - d0[2]) / (device[0] - d0[0])
         return {prefix + name: float(value) for name, value in out.items()}
 
     def __str__(self) -> str:
@@ -578,6 +607,11 @@ class LoaderStats:
             workers = self._rec.workers()
             lines.append(f"samples skipped: {workers.supervisor.skipped_total}; first kept: index "
                          f"{self.skipped[0]['index']} ({self.skipped[0]['error']})")
+        if self.device is not None and self.device["batches"]:
+            d = self.device
+            lines.append(f"copies to the device: {d['batches']} batches, the loop spent "
+                         f"{1000 * d['copy_s'] / d['batches']:.2f} ms/batch starting them and "
+                         f"{1000 * d['wait_s'] / d['batches']:.2f} ms/batch waiting for them")
         if self.peak_memory_mb is not None:
             lines.append(f"peak memory ({self.memory_metric.upper()}, process tree): {self.peak_memory_mb:.0f} MB")
         return "\n".join(lines)
