@@ -4,7 +4,7 @@ A pool (``WorkerPool``) runs workers and carries messages. The engine hands each
 worker messages of the first group with ``submit``; a worker answers through the
 pool with messages of the second group, which ``poll`` returns as
 ``(worker_id, message)`` pairs. A worker handles its messages in the order sent
-(``_worker.serve`` is the loop every kind of worker runs).
+(``_worker.serve`` is the loop every kind of worker runs, ``_worker.handle`` one step of it).
 
 To workers
     ``Task`` (make one batch; answered by one ``Result``), ``Pause``, ``PipeOnly``,
@@ -179,7 +179,8 @@ def _how(exitcode: int | None) -> str:
 class WorkerDied(NamedTuple):
     """Worker ``worker_id`` is gone (``exit`` says how), with every task it held; sent by
     the pool, not the worker. The engine restarts it (``restart``) and sends the tasks
-    again, or raises."""
+    again, or raises. ``exit`` is a :class:`WorkerExit`, or any object with its members
+    (``worker_id``, ``pid``, ``exitcode``, ``factory``, ``describe(doing)``)."""
 
     worker_id: int
     exit: WorkerExit

@@ -356,41 +356,46 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
 
 
 def serve(maker: BatchMaker, receive: Callable[[], Any], send: Callable[[Any], bool]) -> None:
-    """The loop of every kind of worker: take messages from ``receive()`` in order and
-    act on them; answer each ``Task`` with one ``Result`` through ``send``, preceded by a
-    ``TransportFallback`` when /dev/shm was found full. Ends on ``Stop``, or when ``send``
-    returns False (the loader is gone). An exception from ``send`` (a batch that cannot be
-    pickled) is sent instead as the batch's error."""
-    while True:
-        msg = receive()
-        if isinstance(msg, Task):  # first: the one message of the hot path
-            result = maker.make(msg)
-            if maker.fallback is not None:
-                fallback, maker.fallback = maker.fallback, None
-                if not send(fallback):
-                    return
-            try:
-                alive = send(result)
-            except Exception:
-                wrapper = caught(maker.worker_id, f"in nostall worker {maker.worker_id} (pid {os.getpid()}) while "
-                                 f"sending batch {msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)")
-                alive = send(Result("error", msg.task_id, wrapper, result.started, result.done, result.cpu))
-            if not alive:
-                return
-        elif isinstance(msg, Pause):
-            time.sleep(msg.seconds)
-        elif isinstance(msg, SetAttrs):  # sent only to a worker holding its own copy of the dataset
-            maker.apply_attrs(msg.attrs)
-        elif isinstance(msg, Resume):
-            maker.resume(msg)
-        elif isinstance(msg, PipeOnly):
-            maker.no_shm = True  # a thread worker's batches never go through /dev/shm: no effect there
-        elif isinstance(msg, Stop):
-            return
-        else:
-            raise TypeError(f"nostall worker {maker.worker_id} received {msg!r}, which is not a message of "
-                            "nostall._protocol (Task, Pause, SetAttrs, Resume, PipeOnly, Stop): the pool that sent "
-                            "it does not follow the worker protocol")
+    """The loop of every kind of worker: ``handle`` each message from ``receive()``, in
+    order, until ``Stop`` or until ``send`` returns False (the loader is gone)."""
+    while handle(maker, receive(), send):
+        pass
+
+
+def handle(maker: BatchMaker, msg, send: Callable[[Any], bool]) -> bool:
+    """Act on one message of ``_protocol`` (a worker's whole behaviour; ``serve`` loops over
+    it, a pool whose workers take one call per message calls it directly). A ``Task`` is
+    answered with one ``Result`` through ``send``, preceded by a ``TransportFallback`` when
+    /dev/shm was found full; an exception from ``send`` (a batch that cannot be pickled)
+    is sent instead as the batch's error. Returns False when the worker should end:
+    ``Stop``, or ``send`` returned False."""
+    if isinstance(msg, Task):  # first: the one message of the hot path
+        result = maker.make(msg)
+        if maker.fallback is not None:
+            fallback, maker.fallback = maker.fallback, None
+            if not send(fallback):
+                return False
+        try:
+            return send(result)
+        except Exception:
+            wrapper = caught(maker.worker_id, f"in nostall worker {maker.worker_id} (pid {os.getpid()}) while "
+                             f"sending batch {msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)")
+            return send(Result("error", msg.task_id, wrapper, result.started, result.done, result.cpu))
+    if isinstance(msg, Pause):
+        time.sleep(msg.seconds)
+    elif isinstance(msg, SetAttrs):  # sent only to a worker holding its own copy of the dataset
+        maker.apply_attrs(msg.attrs)
+    elif isinstance(msg, Resume):
+        maker.resume(msg)
+    elif isinstance(msg, PipeOnly):
+        maker.no_shm = True  # a thread worker's batches never go through /dev/shm: no effect there
+    elif isinstance(msg, Stop):
+        return False
+    else:
+        raise TypeError(f"nostall worker {maker.worker_id} received {msg!r}, which is not a message of "
+                        "nostall._protocol (Task, Pause, SetAttrs, Resume, PipeOnly, Stop): the pool that sent "
+                        "it does not follow the worker protocol")
+    return True
 
 
 def _read_tasks_in_background(conn) -> queue.SimpleQueue:
