@@ -161,3 +161,30 @@ def test_what_torch_can_send_arrives_as_from_torch(method):
                 _same_tensor(e[key], g[key], f"batch {n}[{key!r}] ({method})")
             assert _storage_links(g) == _storage_links(e), f"batch {n}: storage sharing differs from torch's"
         got[0]["all"].add_(1) if "all" in got[0] else got[0]["base"].add_(1)  # writable, like torch's
+
+
+def collate_with_a_lock(samples):
+    """A batch that cannot be pickled for the pipe (a lock), from batch 1 on."""
+    import threading
+
+    batch = torch.utils.data.default_collate(samples)
+    return {"x": batch, "lock": threading.Lock()} if int(batch[0]) >= 2 else {"x": batch}
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_that_cannot_be_pickled_raises_naming_it_and_the_worker_goes_on():
+    """The worker's send fails: the batch arrives as its error (raised in the loop, with the
+    batch and the pickling error); the worker goes on, so the loader can be iterated again."""
+    nostall = nostall_module()
+    with nostall.DataLoader(Indexed(4), batch_size=2, num_workers=1, collate_fn=collate_with_a_lock) as loader:
+        it = iter(loader)
+        assert next(it)["x"].tolist() == [0, 1]
+        pids = loader.worker_pids()
+        with pytest.raises(TypeError) as info:
+            next(it)
+        text = str(info.value)
+        assert text.startswith("Caught TypeError in DataLoader worker process 0.")
+        assert "cannot pickle '_thread.lock' object" in text
+        assert "while sending batch 1 of epoch 0 (the batch could not be pickled)" in text
+        assert next(iter(loader))["x"].tolist() == [0, 1]
+        assert loader.worker_pids() == pids  # the same worker, still serving

@@ -83,9 +83,9 @@ def worker_processes(engine) -> list:
     """``iter(loader)._workers`` for nostall: one :class:`WorkerProcess` per running
     process worker, by worker id (empty for thread workers and ``num_workers=0``)."""
     pool = getattr(engine, "pool", None)
-    if pool is None or not hasattr(pool, "wait_started"):
+    if pool is None:
         return []
     engine.check_owner()  # a forked child must not read the parent's factory pipe
     pids = pool.wait_started()
-    exits = getattr(pool, "_exits", {})
+    exits = pool.exits
     return [WorkerProcess(worker_id, pid, exits) for worker_id, pid in sorted(pids.items())]

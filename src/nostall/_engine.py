@@ -34,12 +34,14 @@ from ._ledger import Ledger
 from ._pinning import Pinner
 from ._plan import EpochPlan, Planner, object_state
 from ._pool import ProcessPool, ThreadPool
+from ._protocol import (Pause, Result, SetAttrs, Started, StartFailed, Task, TransportFallback, WorkerDied,
+                        WorkerPool)
 from ._schedule import Scheduler
 from ._stats import WorkerLog
 from ._supervise import Supervision, Supervisor
 from ._transport_policy import TransportPolicy
 from ._tuning import TuningDriver
-from ._worker import BatchMaker, Pause, Result, Task, WorkSpec
+from ._worker import BatchMaker, WorkSpec
 
 _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not worth a warning
 _warned_copy_on_read = False
@@ -82,6 +84,15 @@ def _warn_copy_on_read(dataset, num_workers: int) -> None:
         UserWarning,
         stacklevel=4,  # the user's iter(loader)
     )
+
+
+def make_pool(kind: str, spec: WorkSpec, num_workers: int, base_seed: int, start: int | None, ctx) -> WorkerPool:
+    """A pool of ``kind`` ("thread" or "process") workers, ``start`` of ``num_workers``
+    started now (None: all). An engine's ``_make_pool`` is this with its ``ctx`` (a test may
+    put another pool there, see tests/inmemory_pool.py)."""
+    if kind == "thread":
+        return ThreadPool(spec, num_workers, base_seed, start)
+    return ProcessPool(ctx, spec, num_workers, base_seed, start)
 
 
 _engines: weakref.WeakSet = weakref.WeakSet()  # this process's engines, for the fork hook
@@ -132,7 +143,7 @@ class Engine:
         self.config = config
         self.planner = planner
         self.spec = spec
-        self._ctx = ctx
+        self._make_pool = functools.partial(make_pool, ctx=ctx)  # (kind, spec, num_workers, seed, start)
         # pin_memory=True: batches are pinned in a thread as they arrive, not in next()
         self._pinner = (Pinner(functools.partial(_pin, device=pin_device), on_accelerator=True)
                         if pin_device is not None else None)
@@ -232,11 +243,10 @@ class Engine:
         start = self.tuning.start(n)
         if self.tuning.tuner is not None:
             self.worker_log.tuner = self.tuning.tuner
-        if self._kind == "thread":
-            self.pool = ThreadPool(self.spec, n, seed, start)
-        else:
+        if self._kind != "thread":
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
-            self.pool = ProcessPool(self._ctx, self.spec, n, seed, start)
+        self.pool = self._make_pool(self._kind, self.spec, n, seed, start)
+        if self.pool.uses_shm:
             for w in range(n):
                 self.transport.tell(self.pool, w)
         self._started_workers = n if start is None else start
@@ -448,27 +458,22 @@ class Engine:
             for name, value in target.items()
             if have.get(name) != value
         }
-        self.pool.submit(worker_id, attrs)
+        self.pool.submit(worker_id, SetAttrs(attrs))
         self._worker_dstate[worker_id] = target
 
-    def _receive(self, worker_id: int, result: Result) -> None:
-        if result.kind == "died":
-            self.supervision.replace(worker_id, result.payload)
+    def _receive(self, worker_id: int, msg) -> None:
+        """Act on one message from the pool (see ``_protocol``)."""
+        if not isinstance(msg, Result):
+            self._receive_event(worker_id, msg)
             return
-        if result.task_id < 0:
-            if result.kind == "ready":
-                self.supervision.started.add(worker_id)
-                return
-            self.close()  # failed while starting: nothing can run
-            result.payload.reraise()
+        result = msg
         self._ramp = None
         task = self._inflight.pop(result.task_id)
         if result.reseeded and not self._reseed_warned:
             self._reseed_warned = True
             _warn_reseeded(worker_id, result.reseeded)
-        if result.done:
-            self.supervision.last_done[worker_id] = result.done
-            self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
+        self.supervision.last_done[worker_id] = result.done
+        self.worker_log.made(worker_id, task.plan.number, task.batch_no, result.started, result.done)
         if self.tuning.tuner is not None and self._kind != "thread":  # threads count in process_time
             self.tuning.received(result)
         for worker, seconds in self._sched.answered(worker_id, result.started, result.done, result.cpu).items():
@@ -479,11 +484,7 @@ class Engine:
             self.ledger.stopped(worker_id, task.batch_no)
             return
         transport = self.transport
-        if result.note.startswith("shm-full: "):
-            transport.go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
-                                   f"({result.note[len('shm-full: '):]}; {transport.shm_text()})",
-                                   self.pool, self._sched.load)
-        if not transport.checked and result.kind == "ok" and isinstance(self.pool, ProcessPool):
+        if not transport.checked and result.kind == "ok" and self.pool.uses_shm:
             transport.check(result.payload, self.config.window, self.pool, self._sched.load)
         if self.config.max_inflight_bytes is not None and result.kind == "ok":
             self._batch_bytes = max(self._batch_bytes, _transport.tensor_bytes(result.payload))
@@ -494,6 +495,26 @@ class Engine:
         self.ledger.made(key, worker_id, result)
         if not self.config.in_order:
             self._arrivals.append(key)
+
+    def _receive_event(self, worker_id: int, msg) -> None:
+        """A message other than a made batch: a worker started, could not start, fell back
+        to pipes, or died."""
+        if isinstance(msg, Started):
+            self.supervision.started.add(worker_id)
+        elif isinstance(msg, WorkerDied):
+            self.supervision.replace(msg.worker_id, msg.exit)
+        elif isinstance(msg, TransportFallback):
+            transport = self.transport
+            transport.go_pipe_only(f"worker {worker_id} could not put a batch in /dev/shm "
+                                   f"({msg.reason}; {transport.shm_text()})", self.pool, self._sched.load)
+        elif isinstance(msg, StartFailed):
+            self.close()  # failed while starting: nothing can run
+            msg.error.reraise()
+        else:
+            self.close()
+            raise TypeError(f"nostall's worker pool returned {msg!r} from worker {worker_id}, which is not a "
+                            "message of nostall._protocol (Result, Started, StartFailed, TransportFallback, "
+                            "WorkerDied): the pool does not follow the worker protocol")
 
     # -- auto-tuning --------------------------------------------------------------
     def _tune(self, called: float) -> None:

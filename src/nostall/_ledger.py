@@ -17,7 +17,7 @@ import warnings
 from . import _counters, _resume
 from ._plan import EpochPlan, Planner
 from ._resume import Streams
-from ._worker import Resume
+from ._protocol import Resume
 
 
 class Ledger:

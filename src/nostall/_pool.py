@@ -1,10 +1,10 @@
-"""Persistent worker pools behind one small interface: submit, poll, close.
+"""Persistent worker pools: the two implementations of ``_protocol.WorkerPool``.
 
 ``ProcessPool`` runs workers forked from a factory process (see ``_zygote``), and
 under ``fork`` its first workers straight from this process;
 ``ThreadPool`` runs them as threads of this process. Both deliver
-``(worker_id, Result)`` pairs from ``poll``. A worker that disappears is reported as
-a ``Result`` of kind "died" whose payload is a :class:`WorkerExit`.
+``(worker_id, message)`` pairs from ``poll`` (messages of ``_protocol``). A worker
+process that disappears is reported as ``WorkerDied`` with a :class:`WorkerExit`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import signal
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 import multiprocessing.process
 from multiprocessing import connection, reduction, util
 
 from . import _diagnose, _limits, _pickling, _transport, _worker, _zygote
+from ._protocol import FactoryExit, Stop, WorkerDied, WorkerExit
 
 # Pools of this process, for the fork hook below. A pool belongs to the process that
 # made it: a forked child (os.fork(), a fork-started multiprocessing child, a torch
@@ -50,51 +50,6 @@ os.register_at_fork(after_in_child=_disown_after_fork)
 FORK_FIRST_WORKERS = True
 
 
-@dataclass(frozen=True)
-class FactoryExit:
-    """How a worker factory process ended (see ``_zygote``): ``number`` counts the
-    factories this pool lost (1 for the first), ``exitcode`` as in :class:`WorkerExit`."""
-
-    number: int
-    pid: int | None
-    exitcode: int | None
-
-    def describe(self) -> str:
-        return f"the nostall worker factory (pid {self.pid}) {_how(self.exitcode)}"
-
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """How a worker process ended: ``exitcode`` is negative for a signal, None if unknown.
-    ``factory`` is set for a worker that ended because its factory died (the kernel
-    kills a factory's workers with it)."""
-
-    worker_id: int
-    pid: int | None
-    exitcode: int | None
-    factory: FactoryExit | None = None
-
-    def describe(self, doing: str = "") -> str:
-        """``"nostall worker 0 (pid 12) was killed by SIGKILL"`` + ``doing`` (``" while making ..."``),
-        and why, for a worker that died with its factory."""
-        text = f"nostall worker {self.worker_id} (pid {self.pid}) {_how(self.exitcode)}{doing}"
-        if self.factory is not None:
-            text += f", because {self.factory.describe()} (a factory's workers die with it)"
-        return text
-
-
-def _how(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exited (exit status unknown)"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"was killed by {name}"
-    return f"exited with code {exitcode}"
-
-
 class ProcessPool:
     """Worker processes forked from one factory process started with ``ctx``.
 
@@ -110,6 +65,7 @@ class ProcessPool:
     worker is reaped here (``_direct``) and does not die with a factory."""
 
     passes_attrs = True  # workers hold their own copy of the dataset
+    uses_shm = True
     can_restart = True
     poll_progressed = False
     blocked = 0.0
@@ -130,8 +86,8 @@ class ProcessPool:
         self._conns: dict[int, connection.Connection] = {}
         self._worker_of: dict[connection.Connection, int] = {}
         self.pids: dict[int, int] = {}
-        self._exits: dict[int, WorkerExit] = {}
-        self._lost: list = []  # (worker_id, Result) of workers that died with a factory, not yet polled
+        self.exits: dict[int, WorkerExit] = {}  # the last exit the factory reported, per worker id
+        self._lost: list = []  # (worker_id, WorkerDied) of workers that died with a factory, not yet polled
         self.factory_exits: list[FactoryExit] = []  # factories this pool lost
         self._factory = None  # None before the first factory (fork), and between a factory's death and the next worker start
         self._control = self._factory_fd = None
@@ -257,7 +213,7 @@ class ProcessPool:
             theirs.close()
 
     def submit(self, worker_id: int, msg) -> None:
-        """Send a task (or an attribute update, a dict) to one worker."""
+        """Send one message (``_protocol``) to one worker."""
         conn = self._conns.get(worker_id)
         if conn is None:
             return  # gone and reported; restart() gives the id a new worker
@@ -267,8 +223,8 @@ class ProcessPool:
             pass  # the worker is gone; poll() reports it with its exit status
 
     def poll(self, timeout: float | None) -> list:
-        """Wait up to ``timeout`` seconds for results; return what has arrived.
-        ``blocked`` is how long it waited for the first one (not reading it)."""
+        """Wait up to ``timeout`` seconds for messages; return the ``(worker_id, message)``
+        pairs arrived. ``blocked`` is how long it waited for the first one (not reading it)."""
         started = time.monotonic()
         ready = connection.wait([*self._conns.values(), *self._factory_watch()], 0 if self._lost else timeout)
         self.blocked = time.monotonic() - started
@@ -287,7 +243,7 @@ class ProcessPool:
             except (EOFError, OSError):
                 exit = self._exit_of(worker_id)
                 if worker_id in self._conns:  # else it is in self._lost: its factory died
-                    out.append((worker_id, _worker.Result("died", -1, exit)))
+                    out.append((worker_id, WorkerDied(worker_id, exit)))
                     self._drop(worker_id)
                 continue
             out.append((worker_id, _transport.loads(data)))
@@ -322,7 +278,7 @@ class ProcessPool:
         if msg[0] == "started":
             self.pids[msg[1]] = msg[2]
         elif msg[0] == "exited":
-            self._exits[msg[1]] = WorkerExit(msg[1], msg[2], msg[3])
+            self.exits[msg[1]] = WorkerExit(msg[1], msg[2], msg[3])
 
     def _factory_died(self) -> None:
         """The factory is gone (its pidfd is readable, or its end of the control pipe
@@ -363,7 +319,7 @@ class ProcessPool:
         for worker_id in sorted(w for w in self._conns if w not in self._direct):
             pid = self.pids.get(worker_id)
             pids.append(pid)
-            self._lost.append((worker_id, _worker.Result("died", -1, WorkerExit(
+            self._lost.append((worker_id, WorkerDied(worker_id, WorkerExit(
                 worker_id, pid, -signal.SIGKILL, lost))))  # the kernel's SIGKILL (PR_SET_PDEATHSIG)
             self._drop(worker_id)  # closing its pipe ends it even where PDEATHSIG does not exist
         _remove_stranded_shm_when_gone(pids)
@@ -383,12 +339,12 @@ class ProcessPool:
                and time.monotonic() < deadline):
             self._read_control(timeout=0.05)
         if self._exit_known(worker_id):
-            return self._exits.pop(worker_id)
+            return self.exits.pop(worker_id)
         return WorkerExit(worker_id, self.pids.get(worker_id), None)
 
     def _exit_known(self, worker_id: int) -> bool:
         # The exit of this worker id's current process, not of one it replaced.
-        exit, pid = self._exits.get(worker_id), self.pids.get(worker_id)
+        exit, pid = self.exits.get(worker_id), self.pids.get(worker_id)
         return exit is not None and (pid is None or exit.pid == pid)
 
     def restart(self, worker_id: int) -> None:
@@ -519,6 +475,7 @@ class ThreadPool:
     do: a dataset that shards its stream by ``get_worker_info()`` or keeps its position
     on itself (litdata's ``StreamingDataset`` is its own iterator) needs one per worker."""
 
+    uses_shm = False
     can_restart = False  # a thread stuck in user code cannot be stopped
     poll_progressed = False
     blocked = 0.0
@@ -531,7 +488,8 @@ class ThreadPool:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inboxes: dict[int, queue.SimpleQueue] = {}
         self._threads: dict[int, threading.Thread] = {}
-        self.pids = {}
+        self.pids: dict = {}  # threads have no pid of their own
+        self.exits: dict = {}  # and never die by themselves
         self._closed = False
         self.owner_pid = os.getpid()
         for worker_id in range(num_workers if start is None else start):
@@ -558,9 +516,11 @@ class ThreadPool:
         thread.start()
 
     def submit(self, worker_id: int, msg) -> None:
+        """Send one message (``_protocol``) to one worker thread."""
         self._inboxes[worker_id].put(msg)
 
     def poll(self, timeout: float | None) -> list:
+        """Wait up to ``timeout`` seconds for messages; return the ``(worker_id, message)`` pairs arrived."""
         self.poll_progressed = False
         started = time.monotonic()
         try:
@@ -576,7 +536,18 @@ class ThreadPool:
                 return out
 
     def wait_started(self, timeout: float = 30.0) -> dict:
+        """Threads have no pids: nothing to wait for."""
         return {}
+
+    def restart(self, worker_id: int) -> None:
+        """Refused: a thread never dies by itself and cannot be stopped (``can_restart`` is False)."""
+        raise RuntimeError(f"nostall thread worker {worker_id} cannot be restarted: thread workers cannot be "
+                           "stopped (ThreadPool.can_restart is False); use worker_type='process' to restart workers")
+
+    def kill(self, worker_id: int) -> None:
+        """Refused, as :meth:`restart`: a thread stuck in user code cannot be stopped."""
+        raise RuntimeError(f"nostall thread worker {worker_id} cannot be killed: a thread stuck in user code cannot "
+                           "be stopped (ThreadPool.can_restart is False); use worker_type='process' to stop workers")
 
     def stack(self, worker_id: int) -> str | None:
         """The worker thread's Python stack."""
@@ -590,7 +561,7 @@ class ThreadPool:
         if self.foreign:
             return  # a forked child has no worker threads (fork copies only the calling thread)
         for inbox in self._inboxes.values():
-            inbox.put(None)
+            inbox.put(Stop())
         deadline = time.monotonic() + 1.0
         for thread in self._threads.values():
             thread.join(max(0.0, deadline - time.monotonic()))

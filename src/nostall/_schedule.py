@@ -85,8 +85,6 @@ class Scheduler:
         before their next task (usually empty).
         """
         self.load[worker_id] -= 1
-        if done <= 0.0:  # not stamped (a death notice)
-            return {}
         took = done - started
         old = self._cost.get(worker_id)
         cost = self._cost[worker_id] = took if old is None else 0.75 * old + 0.25 * took

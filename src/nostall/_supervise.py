@@ -113,7 +113,7 @@ class Supervisor:
 
     def lost_with_factory(self, factory, cause: str, delivered: int = 0) -> bool:
         """Record the restart of a worker that died because its factory died (``factory``:
-        a ``_pool.FactoryExit``). The factory's death is one failure, however many workers
+        a ``_protocol.FactoryExit``). The factory's death is one failure, however many workers
         it took along: counted, and decided, once, with the first of them."""
         if factory not in self.factories:
             self.factories[factory] = self.may_restart(factory.describe(), delivered=delivered)
@@ -252,7 +252,7 @@ class Supervision:
     def __init__(self, engine, supervisor: Supervisor):
         self.engine = engine
         self.supervisor = supervisor
-        self.started: set = set()  # process workers that finished starting
+        self.started: set = set()  # workers that sent Started
         self.last_done: dict[int, float] = {}  # worker -> when it last finished a batch
 
     def pool_started(self) -> None:
@@ -262,14 +262,14 @@ class Supervision:
         self.supervisor.pool_started()
 
     def replace(self, worker_id: int, exit) -> None:
-        """A worker process is gone (``exit``: its ``WorkerExit``): start another in its
+        """A worker is gone (``exit``: the ``WorkerExit`` of its ``WorkerDied``): start another in its
         place and send its batches again (per-batch seeding makes them identical), or
         give up and raise: when the batch it was making had already ended a worker (a
         poison batch), when too many workers died, or for an iterable dataset (its
         stream cannot move to a new worker)."""
         e, sup = self.engine, self.supervisor
         held = sorted((tid, t) for tid, t in e._inflight.items() if t.worker_id == worker_id)
-        started = worker_id in self.started  # it had said "ready": it died making a batch
+        started = worker_id in self.started  # it had sent Started: it died making a batch
         self.started.discard(worker_id)
         # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
         making = held[0][1] if held and started and held[0][1].wanted else None
@@ -281,7 +281,7 @@ class Supervision:
         short = hung or exit.describe()
         cause = sup.death_cause(worker_id, exit, doing)
         transport = e.transport
-        shm_full = exit.exitcode == -signal.SIGBUS and not transport.pipe_only and e.pool.passes_attrs
+        shm_full = exit.exitcode == -signal.SIGBUS and not transport.pipe_only and e.pool.uses_shm
         if shm_full:  # the classic "Bus error": a shared tensor outgrew /dev/shm
             cause += f". Likely cause: /dev/shm is full ({transport.shm_text()})"
             transport.go_pipe_only(f"worker {worker_id} died of SIGBUS writing a batch to /dev/shm "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 
 from . import _limits, _transport
-from ._worker import PipeOnly
+from ._protocol import PipeOnly
 
 
 class TransportPolicy:

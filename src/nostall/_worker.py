@@ -15,13 +15,15 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
 from . import _datapipes, _diagnose, _limits, _procname, _resume, _seeding, _transport
+from ._protocol import (Pause, PipeOnly, Result, Resume, SetAttrs, Started, StartFailed, Stop, Task,
+                        TransportFallback)
 
 
 @dataclass(frozen=True)
@@ -38,69 +40,6 @@ class WorkSpec:
     watch_globals: bool = False  # report batches that draw from the global RNGs (worker_type="auto")
     shards: tuple[int, int] | None = None  # a DataPipe's (world size, rank): sharded as torch does
 
-
-class Task(NamedTuple):
-    """One batch to make. ``indices`` is a list of sample indices (map-style, batched),
-    one index (map-style, ``batch_size=None``), or the batch size (iterable datasets)."""
-
-    task_id: int
-    epoch: int
-    batch_no: int
-    indices: Any
-    stream_seed: int | None = None  # an IterDataPipe's shared seed for the epoch (see _datapipes)
-
-
-class Pause(NamedTuple):
-    """Idle this long before the next task (spreads the workers' phases, see ``_phases``)."""
-
-    seconds: float
-
-
-class PipeOnly(NamedTuple):
-    """From now on send whole batches through the pipe, not through /dev/shm (too small)."""
-
-    reason: str = ""
-
-
-class Resume(NamedTuple):
-    """Start epoch ``epoch`` of an iterable dataset where a saved run left this worker's
-    stream: load ``state`` into the dataset (when not None), begin a fresh iterator, and
-    pull and drop its first ``skip`` items, uncollated (the replay of the batches it
-    delivered, for datasets without a state)."""
-
-    epoch: int
-    state: Any = None
-    skip: int = 0
-    stream_seed: int | None = None
-
-
-class Result(NamedTuple):
-    """A worker's answer. ``kind`` is "ok" (``payload`` is the batch), "stop" (an
-    iterable dataset is exhausted in this worker) or "error" (``payload`` is a
-    :class:`torch._utils.ExceptionWrapper`). ``started``/``done`` are the worker's
-    ``time.monotonic()`` around making it (one clock for every process on a machine),
-    ``cpu`` the CPU time the worker's thread spent on it. ``skipped`` lists the
-    ``(index, error)`` of samples left out (``skip_errors``); kind "empty" means
-    every sample of the batch was left out. ``state`` is a copy of an iterable
-    dataset's ``state_dict()`` right after this batch (process workers and in-process
-    loading, datasets that have one), for ``loader.state_dict()``; ``ended`` says the
-    stream ended while this batch was made (a short last batch): the worker has no more."""
-
-    kind: str
-    task_id: int
-    payload: Any
-    started: float = 0.0
-    done: float = 0.0
-    cpu: float = 0.0
-    skipped: tuple = ()
-    note: str = ""  # "shm-full: ...": /dev/shm was full, this worker now sends through its pipe
-    state: Any = None
-    ended: bool = False
-    drew_global: bool = False  # the dataset drew from a global RNG (watched batches only)
-    reseeded: frozenset = frozenset()  # global RNGs worker_init_fn seeded (first result of a worker)
-
-
-READY = Result("ready", -2, None)  # a process worker has started (worker_init_fn returned)
 
 _WATCHED_BATCHES = 8  # batches per worker checked for global-RNG draws (worker_type="auto")
 
@@ -122,7 +61,7 @@ class BatchMaker:
         self._fetcher_epoch = None
         self._skipped: list = []
         self.no_shm = False  # set when /dev/shm is too small (see PipeOnly)
-        self.note = ""  # news for the loader, sent with the next result
+        self.fallback: TransportFallback | None = None  # /dev/shm was found full: for the loader, before the result
         # The state after each batch, for loader.state_dict(): only for an iterable dataset
         # whose state_dict() takes no arguments (decided once, here). "send": a process
         # worker pickles it with the batch before the dataset changes again, so no copy;
@@ -140,16 +79,16 @@ class BatchMaker:
             setattr(self.dataset, name, value)
 
     def make(self, task: Task) -> Result:
+        """Make the batch of ``task`` (see :class:`Result`)."""
         started, cpu = time.monotonic(), time.thread_time()
         self._skipped = []
         kind, payload = self._make(task)
-        note, self.note = self.note, ""
         state, self._state = self._state, None
         ended, self._ended = self._ended, False
         drew, self._drew_global = self._drew_global, False
         reseeded, self._reseeded = self._reseeded, frozenset()
         return Result(kind, task.task_id, payload, started, time.monotonic(), time.thread_time() - cpu,
-                      tuple(self._skipped), note, state, ended, drew, reseeded)
+                      tuple(self._skipped), state, ended, drew, reseeded)
 
     def _make(self, task: Task) -> tuple:
         seed = _seeding.batch_seed(self.base_seed, task.epoch, task.batch_no)
@@ -213,7 +152,7 @@ class BatchMaker:
                     raise
                 _limits.remove_failed_shm(exc)  # torch leaves the empty file it could not fill
                 self.no_shm = True  # /dev/shm is full: this and later batches go through the pipe
-                self.note = f"shm-full: {str(exc).splitlines()[0]}"
+                self.fallback = TransportFallback(str(exc).splitlines()[0])
         # torch's default_collate puts a worker's batch in shared memory when it sees
         # worker info; with /dev/shm too small that fails or dies of SIGBUS.
         saved, torch_worker._worker_info = torch_worker._worker_info, None
@@ -392,7 +331,7 @@ def _install_worker_info(worker_id: int, num_workers: int, seed: int, dataset, m
 def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, method: str):
     """Seed like torch (base_seed + worker_id), publish WorkerInfo, run worker_init_fn.
 
-    Returns ``(BatchMaker, None)``, or ``(None, Result)`` carrying the start-up error.
+    Returns ``(BatchMaker, None)``, or ``(None, StartFailed)`` carrying the start-up error.
     """
     threaded = method == "thread"
     try:
@@ -413,7 +352,50 @@ def _start(spec: WorkSpec, worker_id: int, num_workers: int, base_seed: int, met
         return maker, None
     except (Exception, *EXITS):
         who = f"thread worker {worker_id}" if threaded else f"worker {worker_id} (pid {os.getpid()})"
-        return None, Result("error", -1, caught(worker_id, f"in nostall {who} while starting (worker_init_fn)"))
+        return None, StartFailed(caught(worker_id, f"in nostall {who} while starting (worker_init_fn)"))
+
+
+def serve(maker: BatchMaker, receive: Callable[[], Any], send: Callable[[Any], bool]) -> None:
+    """The loop of every kind of worker: ``handle`` each message from ``receive()``, in
+    order, until ``Stop`` or until ``send`` returns False (the loader is gone)."""
+    while handle(maker, receive(), send):
+        pass
+
+
+def handle(maker: BatchMaker, msg, send: Callable[[Any], bool]) -> bool:
+    """Act on one message of ``_protocol`` (a worker's whole behaviour; ``serve`` loops over
+    it, a pool whose workers take one call per message calls it directly). A ``Task`` is
+    answered with one ``Result`` through ``send``, preceded by a ``TransportFallback`` when
+    /dev/shm was found full; an exception from ``send`` (a batch that cannot be pickled)
+    is sent instead as the batch's error. Returns False when the worker should end:
+    ``Stop``, or ``send`` returned False."""
+    if isinstance(msg, Task):  # first: the one message of the hot path
+        result = maker.make(msg)
+        if maker.fallback is not None:
+            fallback, maker.fallback = maker.fallback, None
+            if not send(fallback):
+                return False
+        try:
+            return send(result)
+        except Exception:
+            wrapper = caught(maker.worker_id, f"in nostall worker {maker.worker_id} (pid {os.getpid()}) while "
+                             f"sending batch {msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)")
+            return send(Result("error", msg.task_id, wrapper, result.started, result.done, result.cpu))
+    if isinstance(msg, Pause):
+        time.sleep(msg.seconds)
+    elif isinstance(msg, SetAttrs):  # sent only to a worker holding its own copy of the dataset
+        maker.apply_attrs(msg.attrs)
+    elif isinstance(msg, Resume):
+        maker.resume(msg)
+    elif isinstance(msg, PipeOnly):
+        maker.no_shm = True  # a thread worker's batches never go through /dev/shm: no effect there
+    elif isinstance(msg, Stop):
+        return False
+    else:
+        raise TypeError(f"nostall worker {maker.worker_id} received {msg!r}, which is not a message of "
+                        "nostall._protocol (Task, Pause, SetAttrs, Resume, PipeOnly, Stop): the pool that sent "
+                        "it does not follow the worker protocol")
+    return True
 
 
 def _read_tasks_in_background(conn) -> queue.SimpleQueue:
@@ -421,29 +403,26 @@ def _read_tasks_in_background(conn) -> queue.SimpleQueue:
 
     Without this, a loader sending large tasks (huge index lists) to a worker that
     is itself blocked sending a large result could wait on each other forever:
-    each side's socket buffer full, neither reading. ``None`` marks the end.
+    each side's socket buffer full, neither reading. The end of the pipe is put as ``Stop``.
     """
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:
         try:
             while True:
-                msg = conn.recv()
-                inbox.put(msg)
-                if msg is None:
-                    return
+                inbox.put(conn.recv())
         except (EOFError, OSError):
-            inbox.put(None)
+            inbox.put(Stop())
 
     threading.Thread(target=read, name="nostall-task-reader", daemon=True).start()
     return inbox
 
 
 def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
-    """Body of a worker process: receive tasks on ``conn``, answer with results.
+    """Body of a worker process: receive messages on ``conn``, answer with results (``serve``).
 
-    The loop ends when the loader sends ``None`` or closes its end of the pipe, so a
-    worker never outlives its loader.
+    The loop ends when the loader closes its end of the pipe, so a worker never
+    outlives its loader.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training loop's to handle
     _diagnose.install_stack_dump()  # the loader asks for our stack when a batch hangs
@@ -452,43 +431,27 @@ def process_main(conn, worker_id: int, num_workers: int, base_seed: int, spec: W
     if failure is not None:
         conn.send_bytes(_transport.dumps(failure))
         return
-    try:
-        conn.send_bytes(_transport.dumps(READY))  # a death from now on happened while making a batch
-    except OSError:
-        return  # the loader closed while this worker was starting
-    inbox = _read_tasks_in_background(conn)
-    while True:
-        msg = inbox.get()
-        if msg is None:
-            return
-        if isinstance(msg, dict):
-            maker.apply_attrs(msg)
-            continue
-        if isinstance(msg, Pause):
-            time.sleep(msg.seconds)
-            continue
-        if isinstance(msg, PipeOnly):
-            maker.no_shm = True
-            continue
-        if isinstance(msg, Resume):
-            maker.resume(msg)
-            continue
-        result = maker.make(msg)
+
+    def send(msg) -> bool:
         try:
-            conn.send_bytes(_dumps(result, maker))
+            data = _dumps(msg, maker) if type(msg) is Result else _transport.dumps(msg)
+            if maker.fallback is not None:  # _dumps found /dev/shm full: say so before the batch
+                fallback, maker.fallback = maker.fallback, None
+                conn.send_bytes(_transport.dumps(fallback))
+            conn.send_bytes(data)
         except (BrokenPipeError, ConnectionResetError, OSError):
-            return
-        except Exception:
-            wrapper = caught(worker_id, f"in nostall worker {worker_id} (pid {os.getpid()}) while sending batch "
-                             f"{msg.batch_no} of epoch {msg.epoch} (the batch could not be pickled)")
-            conn.send_bytes(_transport.dumps(Result("error", msg.task_id, wrapper)))
+            return False
+        return True
+
+    if send(Started()):  # else the loader closed while this worker was starting
+        serve(maker, _read_tasks_in_background(conn).get, send)
 
 
 def _dumps(result: Result, maker: BatchMaker):
     """``result`` serialized for the pipe. A large tensor the batch does not hold in
     shared memory yet (``batch_size=None``, a custom collate_fn) is put there while
     pickling; when /dev/shm has no room for it, this batch and later ones go whole
-    through the pipe instead, as when collating fails for that reason."""
+    through the pipe instead (``maker.fallback`` says so), as when collating fails for that reason."""
     if not maker.no_shm:
         try:
             return _transport.dumps(result)
@@ -497,7 +460,7 @@ def _dumps(result: Result, maker: BatchMaker):
                 raise
             _limits.remove_failed_shm(exc)
             maker.no_shm = True
-            result = result._replace(note=f"shm-full: {str(exc).splitlines()[0]}")
+            maker.fallback = TransportFallback(str(exc).splitlines()[0])
     return _transport.dumps(result, inline_all=True)
 
 
@@ -521,26 +484,20 @@ def install_thread_worker_info() -> None:
 
 
 def thread_main(inbox, outbox, worker_id: int, num_workers: int, base_seed: int, spec: WorkSpec) -> None:
-    """Body of a thread worker: tasks from ``inbox`` (a queue), results to ``outbox``."""
+    """Body of a thread worker: messages from ``inbox`` (a queue), ``(worker_id, message)``
+    pairs to ``outbox`` (``serve``, as process workers)."""
     _procname.set_comm(_procname.worker_names(worker_id)[1])  # this thread's name in top -H
     maker, failure = _start(spec, worker_id, num_workers, base_seed, "thread")
     if failure is not None:
         outbox.put((worker_id, failure))
         return
+
+    def send(msg) -> bool:
+        outbox.put((worker_id, msg))
+        return True
+
     try:
-        while True:
-            msg = inbox.get()
-            if msg is None:
-                return
-            if isinstance(msg, dict):  # sent only to a worker holding its own copy (iterable datasets)
-                maker.apply_attrs(msg)
-                continue
-            if isinstance(msg, Pause):
-                time.sleep(msg.seconds)
-                continue
-            if isinstance(msg, Resume):
-                maker.resume(msg)
-                continue
-            outbox.put((worker_id, maker.make(msg)))
+        send(Started())
+        serve(maker, inbox.get, send)
     finally:
         _thread_info.info = None
