@@ -28,8 +28,7 @@ import torch.utils.data as tud
 from toy_datasets import Indexed  # this script's directory, tests/, is on sys.path
 
 import nostall
-from nostall import _distributed
-from nostall._cpus import usable_cpus
+from nostall import _cpus, _distributed
 
 RESUME_AT = 5
 
@@ -65,8 +64,8 @@ def main() -> None:
         "rank": info.rank,
         "world_size": info.world_size,
         "local_world_size": info.local_world_size,
-        "cpu_budget": _distributed.local_cpu_budget(),
-        "usable_cpus": float(usable_cpus().count),
+        "cpu_budget": _cpus.local_cpu_budget(),
+        "usable_cpus": float(_cpus.usable_cpus().count),
     }
 
     with nostall.DataLoader(dataset, shuffle=True, **kw) as loader:

@@ -20,7 +20,7 @@ from conftest import SRC_DIR, TESTS_DIR
 from toy_datasets import Indexed
 
 import nostall
-from nostall import _distributed
+from nostall import _cpus, _distributed
 
 N = 101  # odd: DistributedSampler pads one rank
 WORLD = 2
@@ -118,11 +118,11 @@ def test_advance_epoch_sets_loader_epoch_unless_set_epoch_was_called():
 
 
 def test_local_cpu_budget_divides_among_local_ranks(monkeypatch):
-    cpus = _distributed.usable_cpus().count
+    cpus = _cpus.usable_cpus().count
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert _distributed.local_cpu_budget() == cpus
+    assert _cpus.local_cpu_budget() == cpus
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert _distributed.local_cpu_budget() == cpus / 4
+    assert _cpus.local_cpu_budget() == cpus / 4
 
 
 # --------------------------------------------------------------------------- torchrun

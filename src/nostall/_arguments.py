@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from . import _resume
+from . import _stateful
 
 
 def is_auto(value) -> bool:
@@ -91,4 +91,4 @@ def sync_dataset(dataset, setting: bool | None) -> bool:
     by default for datasets that take part in epochs or in resume (see ``sync_dataset_attributes``)."""
     if setting is not None:
         return setting
-    return callable(getattr(dataset, "set_epoch", None)) or _resume.stateful(dataset)
+    return callable(getattr(dataset, "set_epoch", None)) or _stateful.stateful(dataset)

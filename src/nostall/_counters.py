@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from . import _resume
+from . import _stateful
 
 _NAME = re.compile(r"^_*(current_|cur_)?epochs?$", re.IGNORECASE)
 _LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Tensor, types.ModuleType, type,
@@ -85,7 +85,7 @@ def own_state(dataset) -> str | None:
     that needs arguments only its own loader passes (litdata, MosaicML streaming; the
     latter keeps its epoch in shared memory, where no attribute shows it)."""
     fn = getattr(dataset, "state_dict", None)
-    if not callable(fn) or _resume.takes_no_arguments(fn):
+    if not callable(fn) or _stateful.takes_no_arguments(fn):
         return None
     try:
         signature = str(inspect.signature(fn))

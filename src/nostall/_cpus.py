@@ -117,3 +117,17 @@ def usable_cpus() -> UsableCpus:
     if limit < affinity:
         return UsableCpus(int(limit) if limit.is_integer() else limit, f"{where} ({source.lower()})")
     return UsableCpus(affinity, f"{source}; the cgroup quota is not lower ({where})")
+
+
+def local_world_size() -> int:
+    """Ranks on this machine: ``LOCAL_WORLD_SIZE`` as torchrun sets it, else 1."""
+    try:
+        value = int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 1
+    return value if value >= 1 else 1
+
+
+def local_cpu_budget() -> float:
+    """CPUs this rank's loader may use: the usable CPUs divided among the ranks on this machine."""
+    return usable_cpus().count / local_world_size()

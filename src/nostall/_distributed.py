@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 import torch.utils.data as tud
 
-from ._cpus import usable_cpus
+from ._cpus import local_world_size
 
 _empty_warned = False
 
@@ -72,12 +72,6 @@ def _env_int(name: str) -> int | None:
         return int(os.environ[name])
     except (KeyError, ValueError):
         return None
-
-
-def local_world_size() -> int:
-    """Ranks on this machine: ``LOCAL_WORLD_SIZE`` as torchrun sets it, else 1."""
-    value = _env_int("LOCAL_WORLD_SIZE")
-    return value if value is not None and value >= 1 else 1
 
 
 def rank_info() -> RankInfo | None:
@@ -211,9 +205,4 @@ def _warn_empty(shard: ShardInfo, length: int, rank: int, world: int, worker_id:
         f"{max(1, length // world)} workers per rank.",
         stacklevel=3,
     )
-
-
-def local_cpu_budget() -> float:
-    """CPUs this rank's loader may use: the usable CPUs divided among the ranks on this machine."""
-    return usable_cpus().count / local_world_size()
 

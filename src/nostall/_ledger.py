@@ -14,7 +14,7 @@ import copy
 import itertools
 import warnings
 
-from . import _counters, _resume
+from . import _counters, _stateful
 from ._plan import EpochPlan, Planner
 from ._resume import Streams
 from ._protocol import Resume
@@ -139,7 +139,7 @@ class Ledger:
             # A worker whose stream ended with every batch of it delivered sits out the rest.
             exhausted = [w for w in self.streams.stops if w not in pending]
             streams = self.streams.save(self.config.num_workers, exhausted)
-            if inline and _resume.stateful(self.dataset):
+            if inline and _stateful.stateful(self.dataset):
                 # In-process loading delivers each batch as it is made: the dataset's state
                 # now is the one after the last delivered batch (no copy paid per batch).
                 streams["workers"][0][0] = copy.deepcopy(self.dataset.state_dict())
@@ -154,7 +154,7 @@ class Ledger:
 
     def _counters_state(self) -> dict:
         """An iterable dataset's epoch counters, for a warning at resume (see ``_counters``)."""
-        if not self.planner.iterable or _resume.stateful(self.dataset):
+        if not self.planner.iterable or _stateful.stateful(self.dataset):
             return {}
         return {"counters": {"first": self.first_counters or {}, "saved": _counters.find(self.dataset)}}
 
@@ -206,7 +206,7 @@ class Ledger:
         in-process loading) holds its own copy of the dataset."""
         n = self.config.num_workers
         dataset = self.dataset
-        if self.first_counters is None and not _resume.stateful(dataset):
+        if self.first_counters is None and not _stateful.stateful(dataset):
             self.first_counters = _counters.find(dataset)
         loaded, self.loaded_counters = self.loaded_counters, None
         if loaded is not None and plan.number >= 1:
@@ -226,7 +226,7 @@ class Ledger:
         if inline and ended:  # in-process: the one stream had ended
             plan.batches = iter(())
             return []
-        own_dataset = own_copies and _resume.stateful(dataset)
+        own_dataset = own_copies and _stateful.stateful(dataset)
         messages = []
         for w, (state, count) in enumerate(saved["workers"]):
             if w in ended:

@@ -18,7 +18,8 @@ from ._arguments import (as_count, check_generator, constructor_hint, explain, i
 from ._config import PoolConfig
 from ._options import check_loader_arguments
 from ._torch_versions import HAS_IN_ORDER, accelerator
-from ._distributed import advance_epoch, local_cpu_budget, shard_sampler
+from ._cpus import local_cpu_budget
+from ._distributed import advance_epoch, shard_sampler
 from ._engine import Engine
 from ._plan import Planner
 from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock

@@ -65,7 +65,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from . import _datapipes, _resume, _seeding
+from . import _datapipes, _resume, _seeding, _stateful
 
 _PLAIN = (int, float, bool, str, bytes, type(None))
 
@@ -354,7 +354,7 @@ class Planner:
         dataset = watched["dataset"]
         # A map-style dataset's state is the main process's (workers mirror its attributes);
         # an iterable one's is per stream (see Engine), except when loading in-process.
-        keep_dataset = _resume.stateful(dataset) and (not self.iterable or self._loader.num_workers == 0)
+        keep_dataset = _stateful.stateful(dataset) and (not self.iterable or self._loader.num_workers == 0)
         return {
             "epoch": plan.number,
             "base_seed": self.base_seed,

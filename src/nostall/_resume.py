@@ -26,10 +26,10 @@ What a state holds (version 2), besides the planner's part (see ``Planner.state`
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ._options import int_from
+from ._stateful import stateful
 
 VERSION = 2
 _REQUIRED = ("epoch", "delivered", "base_seed", "generators", "global_rng", "private_generator",
@@ -51,29 +51,6 @@ def fingerprint(loader) -> dict[str, Any]:
         "batch_sampler": type(loader.batch_sampler).__name__ if loader.batch_sampler is not None else None,
         "in_order": loader.in_order,
     }
-
-
-def stateful(obj) -> bool:
-    """Does ``obj`` keep its own state that nostall can save: ``load_state_dict`` and a
-    ``state_dict`` callable without arguments? (litdata's and MosaicML streaming's
-    ``StreamingDataset.state_dict`` need arguments only their own loaders know: nostall
-    never calls them, and resumes such a dataset as one without a state.)"""
-    return callable(getattr(obj, "load_state_dict", None)) and takes_no_arguments(getattr(obj, "state_dict", None))
-
-
-def takes_no_arguments(fn) -> bool:
-    """Can ``fn`` be called as ``fn()``? False when it is not callable."""
-    if not callable(fn):
-        return False
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: assume the usual state_dict()
-        return True
-    try:
-        signature.bind()
-    except TypeError:
-        return False
-    return True
 
 
 def sampler_role(loader) -> str | None:

@@ -9,7 +9,7 @@ import time
 
 from ._autotune import AutoTuner, initial_workers
 from ._config import PoolConfig
-from ._distributed import local_cpu_budget
+from ._cpus import local_cpu_budget
 
 
 class TuningDriver:

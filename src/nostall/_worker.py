@@ -21,7 +21,7 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _datapipes, _diagnose, _limits, _procname, _resume, _seeding, _transport
+from . import _datapipes, _diagnose, _limits, _procname, _seeding, _stateful, _transport
 from ._protocol import (Pause, PipeOnly, Result, Resume, SetAttrs, Started, StartFailed, Stop, Task,
                         TransportFallback)
 
@@ -66,7 +66,7 @@ class BatchMaker:
         # whose state_dict() takes no arguments (decided once, here). "send": a process
         # worker pickles it with the batch before the dataset changes again, so no copy;
         # "copy": a thread worker keeps it in memory. In-process loading takes it when saved.
-        self._keep_state = keep_state if spec.iterable and _resume.stateful(spec.dataset) else None
+        self._keep_state = keep_state if spec.iterable and _stateful.stateful(spec.dataset) else None
         self._state = None  # the dataset's state after the batch just made
         self._ended = False  # the stream ended within the batch just made
         self._resume_error = None  # a failed Resume, reported with the next batch
