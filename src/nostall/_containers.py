@@ -77,7 +77,7 @@ def _a(name: str) -> str:
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
-def _describe(value: Any) -> str:
+def _a_value(value: Any) -> str:
     """``value`` with its type and an article, for error messages: "an int 3"."""
     text = repr(value)
     return f"{_a(type(value).__name__)} {text if len(text) <= 60 else text[:57] + '...'}"
@@ -91,7 +91,7 @@ def _misfit(items: Sequence, fits: Callable[[Any], bool], name: str, what: str, 
     """Raise a TypeError naming the first item of ``items`` that does not fit."""
     i = next((i for i, x in enumerate(items) if not fits(x)), 0)
     but = f", but {name}[0] is {_a(type(items[0]).__name__)}" if i else ""
-    raise TypeError(f"{name}[{i}] is {_describe(items[i])}{but}: {what}. {hint}".rstrip())
+    raise TypeError(f"{name}[{i}] is {_a_value(items[i])}{but}: {what}. {hint}".rstrip())
 
 
 # --------------------------------------------------------------------------- #
@@ -341,7 +341,7 @@ class ObjectArray(_Segments):
             except Exception as exc:  # pickling raises many types
                 where = _item(i) if _item else f"{_name}[{i}]"
                 raise TypeError(
-                    f"{where} ({_describe(item)}) cannot be pickled ({exc}); store something "
+                    f"{where} ({_a_value(item)}) cannot be pickled ({exc}); store something "
                     "picklable (e.g. a str or a number) instead."
                 ) from exc
         self._fill(encoded)
@@ -458,7 +458,7 @@ class NumberArray(_Flat):
         if kind is None:
             raise TypeError(
                 f"{name} holds rows whose elements are not all int, all float or all bool (e.g. "
-                f"{name}[0] is {_describe(values[0])}): convert them, e.g. "
+                f"{name}[0] is {_a_value(values[0])}): convert them, e.g. "
                 f"[[float(x) for x in row] for row in {name}]."
             )
         return kind
@@ -578,7 +578,7 @@ class Records(_Flat):
             for i, row in enumerate(rows):
                 if type(row) is not self._row_type or len(row) != n:
                     raise TypeError(
-                        f"{_name}[{i}] is {_describe(row)}, but {_name}[0] is a "
+                        f"{_name}[{i}] is {_a_value(row)}, but {_name}[0] is a "
                         f"{type(first).__name__} of length {n}: every row must be a tuple of the same "
                         "type and length."
                     )
@@ -586,7 +586,7 @@ class Records(_Flat):
             columns = [_column([row[k] for row in rows], f"the values at {k} of {_name}",
                                lambda i, k=k: f"{_name}[{i}][{k}]") for k in keys]
         else:
-            raise TypeError(f"{_name}[0] is {_describe(first)}; {_SUPPORTED}.")
+            raise TypeError(f"{_name}[0] is {_a_value(first)}; {_SUPPORTED}.")
         self._set_columns(keys, columns)
 
     def _from_columns(self, mapping: Mapping, name: str) -> None:
@@ -599,7 +599,7 @@ class Records(_Flat):
             value = mapping[key]
             if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
                 raise TypeError(
-                    f"{name}[{key!r}] is {_describe(value)}; in a dict of columns every value must be "
+                    f"{name}[{key!r}] is {_a_value(value)}; in a dict of columns every value must be "
                     "a list (one item per row)."
                 )
             lengths[key] = len(value)
@@ -625,7 +625,7 @@ class Records(_Flat):
     def _key_misfit(rows: Sequence, i: int, keys: list, name: str) -> None:
         row = rows[i]
         if not isinstance(row, dict):
-            raise TypeError(f"{name}[{i}] is {_describe(row)}, but {name}[0] is a dict: every row must be "
+            raise TypeError(f"{name}[{i}] is {_a_value(row)}, but {name}[0] is a dict: every row must be "
                             "a dict with the same keys.")
         missing = [k for k in keys if k not in row]
         extra = [k for k in row if k not in rows[0]]
@@ -744,7 +744,7 @@ def flat(obj: Any) -> StringArray | NumberArray | Records:
     if isinstance(obj, Mapping):
         return Records(obj, _name="obj")
     if isinstance(obj, (str, bytes)) or not isinstance(obj, Sequence):
-        raise TypeError(f"obj is {_describe(obj)}; {_SUPPORTED}.")
+        raise TypeError(f"obj is {_a_value(obj)}; {_SUPPORTED}.")
     if not len(obj):
         raise ValueError(
             "obj is empty: nothing tells which container to build. Build one explicitly, "
@@ -758,7 +758,7 @@ def flat(obj: Any) -> StringArray | NumberArray | Records:
     if isinstance(first, (list, *_INT, *_FLOAT, *_BOOL)):
         return NumberArray(obj, _name="obj")
     raise TypeError(
-        f"obj[0] is {_describe(first)}; {_SUPPORTED}. Convert the items (e.g. paths with "
+        f"obj[0] is {_a_value(first)}; {_SUPPORTED}. Convert the items (e.g. paths with "
         "[str(p) for p in obj]), or for arbitrary picklable objects use nostall.ObjectArray(obj) "
         "(each access unpickles a copy)."
     )

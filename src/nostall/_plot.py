@@ -197,7 +197,8 @@ def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value >= 0.0995 else f"{value:.3f} s"
 
 
-def _describe(values: Sequence[Any]) -> str:
+def _distinct(values: Sequence[Any]) -> str:
+    """The distinct values joined with "/" (``"frames/tiny"``), "?" when none is known."""
     distinct = sorted({v for v in values if v is not None}, key=str)
     return "/".join(str(v) for v in distinct) or "?"
 
@@ -205,9 +206,9 @@ def _describe(values: Sequence[Any]) -> str:
 def _default_title(indexed: Sequence[tuple[int, Mapping[str, Any]]]) -> str:
     specs = [_spec(r) for _, r in indexed]
     title = (
-        f"nostall bench: {_describe([s.get('workload') for s in specs])} workload, "
-        f"batch size {_describe([s.get('batch_size') for s in specs])}, "
-        f"{_describe([s.get('epochs') for s in specs])} epochs"
+        f"nostall bench: {_distinct([s.get('workload') for s in specs])} workload, "
+        f"batch size {_distinct([s.get('batch_size') for s in specs])}, "
+        f"{_distinct([s.get('epochs') for s in specs])} epochs"
     )
     steps = {_float(s.get("step_ms")) for s in specs} - {0.0}
     steps = {s for s in steps if not math.isnan(s)}

@@ -171,7 +171,7 @@ class BatchMaker:
             try:
                 sample = self.dataset[indices]
             except Exception as exc:
-                self._skipped.append((indices, _describe(exc)))
+                self._skipped.append((indices, _error_and_place(exc)))
                 return _EMPTY
             return self._collate(sample)
         getitems = getattr(self.dataset, "__getitems__", None)
@@ -189,7 +189,7 @@ class BatchMaker:
             try:
                 data.append(getitems([index])[0] if getitems else self.dataset[index])
             except Exception as exc:
-                self._skipped.append((index, _describe(exc)))
+                self._skipped.append((index, _error_and_place(exc)))
         if not data:
             return _EMPTY
         current[0] = indices
@@ -303,7 +303,7 @@ def caught(worker_id: int | None, detail: str):
     return wrapper
 
 
-def _describe(exc: BaseException) -> str:
+def _error_and_place(exc: BaseException) -> str:
     """``"ValueError: bad pixel (dataset.py:12 in __getitem__)"``: the error and where it arose."""
     where = ""
     tb = traceback.extract_tb(exc.__traceback__)
