@@ -310,6 +310,19 @@ def test_an_exception_in_a_remote_getitem_keeps_its_type_traceback_indices_and_n
     assert "on Ray node " in text and "node id" in text
 
 
+def collate_with_a_lock(samples):
+    """A batch Ray cannot serialize (it holds a lock)."""
+    return {"i": torch.tensor(samples), "lock": threading.Lock()}
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_ray_cannot_serialize_is_raised_as_that_batchs_error(cluster):
+    with _loader(Indexed(12), 1, shuffle=False, collate_fn=collate_with_a_lock) as loader:
+        with pytest.raises(TypeError, match=r"(?s)cannot pickle '_thread.lock'.*while sending batch 0 of epoch 0 "
+                                            r"\(Ray could not serialize it"):
+            next(iter(loader))
+
+
 @pytest.mark.timeout(90)
 def test_the_nodes_going_away_is_a_clear_error(cluster):
     cluster.add_node(num_cpus=1, resources={"doomed": 1}, object_store_memory=STORE)

@@ -109,12 +109,15 @@ def result_message(worker_id: int, result: Result, offset: float) -> tuple:
 
 
 def unsendable_message(worker_id: int, task: Task, error: BaseException, where: str) -> tuple:
-    """A batch Ray could not serialize in the actor: raised in the loop as that batch's error."""
+    """A batch Ray could not serialize in the actor (``error``: Ray's RayTaskError): raised
+    in the loop as that batch's error, of the original type (e.g. TypeError)."""
+    cause = getattr(error, "cause", None)
     try:
-        raise error
+        raise cause if isinstance(cause, Exception) else RuntimeError(_reason(error))
     except Exception:
         wrapper = _worker.caught(worker_id, f"in nostall Ray actor {worker_id} {where} while sending batch "
-                                 f"{task.batch_no} of epoch {task.epoch} (Ray could not serialize it)")
+                                 f"{task.batch_no} of epoch {task.epoch} (Ray could not serialize it: make the "
+                                 f"batch of tensors, arrays and plain Python values). Ray's account: {error}")
     now = time.monotonic()
     return worker_id, Result("error", task.task_id, wrapper, now, now)
 
