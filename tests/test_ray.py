@@ -310,6 +310,20 @@ def test_an_exception_in_a_remote_getitem_keeps_its_type_traceback_indices_and_n
     assert "on Ray node " in text and "node id" in text
 
 
+@pytest.mark.timeout(60)
+def test_a_dataset_module_the_nodes_lack_is_named_before_the_first_batch(cluster, tmp_path, monkeypatch):
+    (tmp_path / "only_here.py").write_text("import torch\n\nclass Local(torch.utils.data.Dataset):\n"
+                                           "    def __len__(self):\n        return 4\n\n"
+                                           "    def __getitem__(self, i):\n        return i\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process imports it; the actors cannot
+    from only_here import Local
+
+    with _loader(Local(), 1) as loader:
+        with pytest.raises(ModuleNotFoundError, match=r"(?s)No module named 'only_here'.*while reading the dataset"
+                                                      r".*is every module they need installed on that node"):
+            next(iter(loader))
+
+
 def collate_with_a_lock(samples):
     """A batch Ray cannot serialize (it holds a lock)."""
     return {"i": torch.tensor(samples), "lock": threading.Lock()}

@@ -202,7 +202,11 @@ class BatchActor:
         self._where = f"on Ray node {ip} (node id {node_id})"
         worker_id = self._worker_id
         try:
-            spec = ray.get(self._spec_box[0])
+            try:
+                spec = ray.get(self._spec_box[0])
+            except ray.exceptions.RaySystemError as exc:  # Ray's wrapper of the unpickling error
+                cause = exc.client_exc
+                raise cause if isinstance(cause, Exception) else exc
         except Exception:
             failure = StartFailed(_worker.caught(
                 worker_id, f"in nostall Ray actor {worker_id} (pid {os.getpid()}) {self._where} while reading "
