@@ -69,7 +69,23 @@ def test_a_loader_imports_none_of_the_command_line_tools():
                    "        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]\n"
                    "print(json.dumps(sorted(sys.modules)))")
     assert proc.returncode == 0, proc.stderr
-    assert not set(json.loads(proc.stdout)) & set(TOOLS)
+    modules = set(json.loads(proc.stdout))
+    assert not modules & set(TOOLS)
+    assert "ray" not in modules and "nostall._ray_pool" not in modules  # only worker_type="ray" imports Ray
+
+
+@pytest.mark.timeout(120)
+def test_worker_type_ray_without_ray_installed_says_how_to_install_it():
+    # sys.modules["ray"] = None makes `import ray` fail as it does where Ray is not installed.
+    proc = _python("import sys\n"
+                   "sys.modules['ray'] = None\n"
+                   "import nostall\n"
+                   "try:\n"
+                   "    nostall.DataLoader(list(range(4)), num_workers=1, worker_type='ray')\n"
+                   "except ImportError as exc:\n"
+                   "    print(exc)\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'nostall[ray]'" in proc.stdout
 
 
 @pytest.mark.timeout(120)

@@ -33,11 +33,11 @@ from nostall._torch_versions import HAS_IN_ORDER
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 KNOWN_KEYS = ("batch_size, shuffle, drop_last, num_workers, prefetch_factor, persistent_workers, "
-              "pin_memory, pin_memory_device, worker_type, multiprocessing_context, timeout, in_order, "
+              "pin_memory, pin_memory_device, worker_type, ray_actor_options, multiprocessing_context, timeout, in_order, "
               "stats, max_worker_restarts, hang_timeout, on_hang, on_sample_error, max_skipped_fraction, "
               "max_inflight_bytes, sync_dataset_attributes")
 WORKER_TYPE_HINT = (" Use 'thread' for I/O-bound datasets that release the GIL, 'process' otherwise, "
-                    "'auto' to let nostall choose.")
+                    "'auto' to let nostall choose, 'ray' for more CPUs than this machine has.")
 
 
 def torch_kwargs(config: LoaderConfig) -> dict:
@@ -166,8 +166,8 @@ INVALID = [
     ("prefetch_factor", -1, "an int >= 1, 'auto', or null for torch's default (2)"),
     ("persistent_workers", "sometimes", "true, false, or null (true when num_workers > 0)"),
     ("pin_memory", "yes please", "true or false"),
-    ("worker_type", "greenlet", "one of 'process', 'thread', 'auto'"),
-    ("worker_type", None, "one of 'process', 'thread', 'auto'"),
+    ("worker_type", "greenlet", "one of 'process', 'thread', 'auto', 'ray'"),
+    ("worker_type", None, "one of 'process', 'thread', 'auto', 'ray'"),
     ("multiprocessing_context", "threads",
      "one of 'fork', 'spawn', 'forkserver', or null for the platform's default"),
     ("timeout", -1, "a number of seconds >= 0"),
@@ -270,7 +270,7 @@ CODE_ARGUMENTS = {"self", "dataset", "sampler", "batch_sampler", "collate_fn", "
 NOT_DEFAULTS = dict(
     batch_size=3, shuffle=True, drop_last=True, num_workers=2, prefetch_factor=3, persistent_workers=False,
     pin_memory=True, pin_memory_device="", worker_type="thread", multiprocessing_context="spawn", timeout=5.0,
-    in_order=False, stats=False, max_worker_restarts=7, hang_timeout=12.5, on_hang="raise",
+    ray_actor_options={"num_cpus": 2}, in_order=False, stats=False, max_worker_restarts=7, hang_timeout=12.5, on_hang="raise",
     on_sample_error="skip", max_skipped_fraction=0.25, max_inflight_bytes=2**20, sync_dataset_attributes=True,
 )
 

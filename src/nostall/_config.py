@@ -55,6 +55,7 @@ class PoolConfig:
     auto_workers: bool = False  # num_workers="auto": num_workers is then the most the tuner may use
     auto_prefetch: bool = False  # prefetch_factor="auto"
     sync_dataset: bool = False  # attributes reassigned on the dataset reach process workers
+    ray_actor_options: dict | None = None  # worker_type="ray": each actor's .options() (see _ray_pool)
 
     def __post_init__(self):
         # The user's arguments were checked by the loader (nostall._options); the start

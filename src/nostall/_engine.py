@@ -86,12 +86,17 @@ def _warn_copy_on_read(dataset, num_workers: int) -> None:
     )
 
 
-def make_pool(kind: str, spec: WorkSpec, num_workers: int, base_seed: int, start: int | None, ctx) -> WorkerPool:
-    """A pool of ``kind`` ("thread" or "process") workers, ``start`` of ``num_workers``
-    started now (None: all). An engine's ``_make_pool`` is this with its ``ctx`` (a test may
-    put another pool there, see tests/inmemory_pool.py)."""
+def make_pool(kind: str, spec: WorkSpec, num_workers: int, base_seed: int, start: int | None, ctx,
+              ray_actor_options: dict | None = None) -> WorkerPool:
+    """A pool of ``kind`` ("thread", "process" or "ray") workers, ``start`` of ``num_workers``
+    started now (None: all). An engine's ``_make_pool`` is this with its ``ctx`` and Ray
+    actor options (a test may put another pool there, see tests/inmemory_pool.py)."""
     if kind == "thread":
         return ThreadPool(spec, num_workers, base_seed, start)
+    if kind == "ray":
+        from ._ray_pool import RayPool  # Ray is imported only by loaders that ask for it
+
+        return RayPool(spec, num_workers, base_seed, start, ray_actor_options)
     return ProcessPool(ctx, spec, num_workers, base_seed, start)
 
 
@@ -143,7 +148,8 @@ class Engine:
         self.config = config
         self.planner = planner
         self.spec = spec
-        self._make_pool = functools.partial(make_pool, ctx=ctx)  # (kind, spec, num_workers, seed, start)
+        self._make_pool = functools.partial(  # (kind, spec, num_workers, seed, start)
+            make_pool, ctx=ctx, ray_actor_options=config.ray_actor_options)
         # pin_memory=True: batches are pinned in a thread as they arrive, not in next()
         self._pinner = (Pinner(functools.partial(_pin, device=pin_device), on_accelerator=True)
                         if pin_device is not None else None)
@@ -169,7 +175,7 @@ class Engine:
         # (an iterable dataset's stream cannot go on after its iterator raised: its errors raise).
         self._skipping = config.on_sample_error == "skip" and not planner.iterable
         self._batch_bytes = 0  # largest batch seen, in tensor bytes (for max_inflight_bytes)
-        self._kind = "thread" if config.worker_type == "thread" else "process"  # the pool's workers
+        self._kind = config.worker_type if config.worker_type in ("thread", "ray") else "process"  # the pool's workers
         self._started_workers = 0
         self._reseed_warned = False  # worker_init_fn seeded a global RNG (warned once per loader)
         self._ramp: int | None = None  # batches in flight until the pool's first answer (see _start_pool)
@@ -216,7 +222,7 @@ class Engine:
                 plan, resume["streams"] if resume is not None else None, self._inline is not None, own_copies))
         if self.pool is not None:
             self._fill()  # the workers start on this epoch now, as torch's iter() does
-        if started and self._kind != "thread":
+        if started and self._kind == "process":
             _warn_copy_on_read(self.spec.dataset, self.config.num_workers)  # after: it takes a few ms
         return plan
 
@@ -240,10 +246,15 @@ class Engine:
 
     def _start_pool(self) -> None:
         n, seed = self.config.num_workers, self.planner.base_seed
-        start = self.tuning.start(n)
+        budget = None
+        if self._kind == "ray" and self.config.auto_workers:  # the cluster's free room, not this machine's CPUs
+            from ._ray_pool import auto_room
+
+            n, budget = auto_room(self.config.ray_actor_options, n)
+        start = self.tuning.start(n, budget)
         if self.tuning.tuner is not None:
             self.worker_log.tuner = self.tuning.tuner
-        if self._kind != "thread":
+        if self._kind == "process":
             _limits.ensure_open_files(n, max(1, self.config.prefetch_factor))
         self.pool = self._make_pool(self._kind, self.spec, n, seed, start)
         if self.pool.uses_shm:
@@ -251,12 +262,12 @@ class Engine:
                 self.transport.tell(self.pool, w)
         self._started_workers = n if start is None else start
         self.worker_log.started_workers = self._started_workers
-        self._sched = Scheduler(self._started_workers)
+        self._sched = Scheduler(self._started_workers, getattr(self.pool, "cpus", None))
         # Until the first batch comes back, no more batches in flight than CPUs: workers
         # that all start together on fewer cores all finish late (8 on 2 cores: 4x one
         # batch). The rest start when it arrives; busy CPUs lose nothing meanwhile.
         cpus = max(1, int(self._sched.cpus))
-        self._ramp = cpus if self._kind != "thread" and self._started_workers > cpus else None
+        self._ramp = cpus if self._kind == "process" and self._started_workers > cpus else None
         self.tuning.pool_started()
         self.supervision.pool_started()
         self._start_dstate = object_state(self.spec.dataset)
@@ -500,7 +511,7 @@ class Engine:
         """A message other than a made batch: a worker started, could not start, fell back
         to pipes, or died."""
         if isinstance(msg, Started):
-            self.supervision.started.add(worker_id)
+            self.supervision.ready(worker_id)
         elif isinstance(msg, WorkerDied):
             self.supervision.replace(msg.worker_id, msg.exit)
         elif isinstance(msg, TransportFallback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 import weakref
 from typing import TypeVar
@@ -66,7 +67,11 @@ class DataLoader(tud.DataLoader[_T_co]):
       that wait on I/O and release the GIL); ``"process"`` (default) uses processes
       forked from one factory process, so ``spawn`` starts in about the time of one
       interpreter, not ``num_workers`` of them; ``"auto"`` starts with processes and
-      switches to threads when the workers mostly wait (see ``nostall._autotune``).
+      switches to threads when the workers mostly wait (see ``nostall._autotune``);
+      ``"ray"`` makes batches in ``num_workers`` Ray actors, on any machine of a Ray
+      cluster (``ray_actor_options`` goes to each actor's ``.options()``; default
+      ``num_cpus=1``), with the same batches and guarantees (see ``nostall._ray_pool``;
+      ``pip install 'nostall[ray]'``).
     * ``num_workers="auto"`` / ``prefetch_factor="auto"`` tune themselves while the
       loop runs (``loader.stats.tuner`` says what changed and why). The attributes
       ``loader.num_workers`` and ``loader.prefetch_factor`` stay ints, as tools
@@ -134,6 +139,7 @@ class DataLoader(tud.DataLoader[_T_co]):
         pin_memory_device="",
         in_order=True,
         worker_type="process",
+        ray_actor_options=None,
         stats=True,
         max_worker_restarts=3,
         hang_timeout=None,
@@ -164,7 +170,8 @@ class DataLoader(tud.DataLoader[_T_co]):
         # adds its explanation after torch's message.
         try:
             with warnings.catch_warnings():
-                if auto_workers:  # torch's "more workers than CPUs" warning: "auto" starts few
+                if auto_workers or worker_type == "ray":  # torch's "more workers than CPUs" warning:
+                    # "auto" starts few, and Ray actors use the cluster's CPUs, not this machine's
                     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
                 super().__init__(
                     dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
@@ -190,14 +197,23 @@ class DataLoader(tud.DataLoader[_T_co]):
                 f"hold a stream position); got {'an iterable dataset' if self._dataset_kind == 1 else 'num_workers=0'}. "
                 "Pass worker_type='process' or 'thread'."
             )
+        if worker_type == "ray" and not _ray_installed():
+            raise ImportError("`worker_type='ray'` makes batches in Ray actors, and Ray is not installed here. "
+                              "Install it with `pip install 'nostall[ray]'`, or use worker_type='process'.")
+        if worker_type == "ray" and workers == 0:
+            raise ValueError(
+                "`worker_type='ray'` makes batches in `num_workers` Ray actors; got num_workers=0. "
+                "Pass num_workers >= 1 (or 'auto'), or leave worker_type as 'process'."
+            )
         check_loader_arguments(dict(
-            worker_type=worker_type, sync_dataset_attributes=sync_dataset_attributes,
+            worker_type=worker_type, ray_actor_options=ray_actor_options, sync_dataset_attributes=sync_dataset_attributes,
             max_worker_restarts=max_worker_restarts, hang_timeout=hang_timeout, on_hang=on_hang,
             on_sample_error=on_sample_error, max_skipped_fraction=max_skipped_fraction,
             max_inflight_bytes=max_inflight_bytes,
         ))
         self.in_order = in_order
         self.worker_type = worker_type
+        self.ray_actor_options = ray_actor_options
         # nostall's own arguments as attributes of the same names: frameworks that rebuild a
         # loader from its attributes (Lightning under DDP) carry them over.
         self.max_worker_restarts, self.hang_timeout, self.on_hang = max_worker_restarts, hang_timeout, on_hang
@@ -212,6 +228,7 @@ class DataLoader(tud.DataLoader[_T_co]):
             prefetch_factor=as_count(self.__dict__["prefetch_factor"]) if workers else 0,
             persistent=bool(persistent_workers),
             worker_type=worker_type,
+            ray_actor_options=dict(ray_actor_options) if ray_actor_options is not None else None,
             start_method=ctx.get_start_method(),
             timeout=timeout,  # as given: torch's timeout error prints it as given
             in_order=bool(in_order),
@@ -423,6 +440,14 @@ class DataLoader(tud.DataLoader[_T_co]):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ray_installed() -> bool:
+    """Whether Ray can be imported, found without importing it (that takes seconds)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # sys.modules["ray"] is None: imports of it are blocked
+        return False
 
 
 def _release(engine: Engine, recorder: Recorder | None) -> None:

@@ -82,7 +82,7 @@ class _LoaderConfigMethods:
                               ("persistent_workers", self.persistent_workers is True),
                               ("multiprocessing_context", self.multiprocessing_context is not None),
                               ("timeout", self.timeout > 0),
-                              ("worker_type", self.worker_type == "auto")):
+                              ("worker_type", self.worker_type in ("auto", "ray"))):
                 if bad:
                     value = getattr(self, name)
                     raise ConfigError(

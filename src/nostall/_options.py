@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-WORKER_TYPES = ("process", "thread", "auto")
+WORKER_TYPES = ("process", "thread", "auto", "ray")
+# Ray actor options nostall sets itself: it replaces dead actors and sends their batches again.
+RAY_OWN_OPTIONS = ("max_restarts", "max_task_retries", "max_concurrency", "concurrency_groups", "lifetime", "name")
 START_METHODS = ("fork", "spawn", "forkserver")
 ON_HANG = ("restart", "raise")
 ON_SAMPLE_ERROR = ("raise", "skip")
@@ -72,6 +74,10 @@ def _is_str(value: Any) -> bool:
 
 def _one_of(*choices: str) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, str) and v in choices
+
+
+def _ray_actor_options(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) for k in value) and not set(value) & set(RAY_OWN_OPTIONS)
 
 
 def _or_none(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -150,10 +156,17 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("pin_memory_device", "", "a string (torch deprecates it: the current accelerator is used)",
            _is_str, "str", "torch's deprecated device for pinned memory; leave it empty."),
     Option("worker_type", "process", f"one of {choices_text(WORKER_TYPES)}", _one_of(*WORKER_TYPES), "str",
-           "Workers as processes, threads, or 'auto' (processes, switched to threads when they mostly wait).",
+           "Workers as processes, threads, 'auto' (processes, switched to threads when they mostly wait), "
+           "or 'ray' (Ray actors, on other machines of a Ray cluster).",
            owner="nostall",
            hint="Use 'thread' for I/O-bound datasets that release the GIL, 'process' otherwise, "
-                "'auto' to let nostall choose."),
+                "'auto' to let nostall choose, 'ray' for more CPUs than this machine has."),
+    Option("ray_actor_options", None, "None or a dict of Ray actor options (num_cpus, num_gpus, memory, "
+           f"resources, scheduling_strategy, runtime_env, ...) without {', '.join(RAY_OWN_OPTIONS)}",
+           _or_none(_ray_actor_options), "dict | None",
+           "With worker_type='ray': what each actor asks Ray for (its .options(); None: num_cpus=1).",
+           owner="nostall",
+           hint="nostall replaces dead actors itself and runs one batch at a time per actor."),
     Option("multiprocessing_context", None, f"one of {choices_text(START_METHODS)}, or None for the "
            "platform's default", _or_none(_one_of(*START_METHODS)), "str | None",
            "The start method of worker processes."),

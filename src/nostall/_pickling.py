@@ -21,19 +21,20 @@ def _children(obj):
     return []
 
 
-def unpicklable_path(obj, name: str, _depth: int = 0):
+def unpicklable_path(obj, name: str, _depth: int = 0, dumps=_dumps):
     """The deepest attribute path under ``obj`` that fails to pickle, with the error.
 
     Returns ``None`` when ``obj`` pickles. The path reads like ``dataset.transform.fn``.
+    ``dumps`` is the serializer that must succeed (default: multiprocessing's pickler).
     """
     try:
-        _dumps(obj)
+        dumps(obj)
         return None
     except Exception as exc:  # pickling raises many types (PicklingError, TypeError, AttributeError)
         error = exc
     if _depth < 8:
         for suffix, child in _children(obj):
-            found = unpicklable_path(child, name + suffix, _depth + 1)
+            found = unpicklable_path(child, name + suffix, _depth + 1, dumps)
             if found is not None:
                 return found
     return name, obj, error

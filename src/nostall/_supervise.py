@@ -253,13 +253,20 @@ class Supervision:
         self.engine = engine
         self.supervisor = supervisor
         self.started: set = set()  # workers that sent Started
+        self.ready_at: dict[int, float] = {}  # worker -> when it sent Started
         self.last_done: dict[int, float] = {}  # worker -> when it last finished a batch
 
     def pool_started(self) -> None:
         """A new pool: no worker has started or finished anything yet."""
         self.last_done = {}
         self.started = set()
+        self.ready_at = {}
         self.supervisor.pool_started()
+
+    def ready(self, worker_id: int) -> None:
+        """Worker ``worker_id`` has started (worker_init_fn returned): its batches' time runs from now."""
+        self.started.add(worker_id)
+        self.ready_at[worker_id] = time.monotonic()
 
     def replace(self, worker_id: int, exit) -> None:
         """A worker is gone (``exit``: the ``WorkerExit`` of its ``WorkerDied``): start another in its
@@ -271,6 +278,7 @@ class Supervision:
         held = sorted((tid, t) for tid, t in e._inflight.items() if t.worker_id == worker_id)
         started = worker_id in self.started  # it had sent Started: it died making a batch
         self.started.discard(worker_id)
+        self.ready_at.pop(worker_id, None)
         # A worker makes its tasks in the order sent: the oldest one held is the one it was making.
         making = held[0][1] if held and started and held[0][1].wanted else None
         what = self.describe(making) if making is not None else None
@@ -357,8 +365,12 @@ class Supervision:
         for tid, task in inflight.items():
             if task.wanted and (task.worker_id not in oldest or tid < oldest[task.worker_id][0]):
                 oldest[task.worker_id] = (tid, task)
+        slow_start = getattr(self.engine.pool, "starts_slowly", False)
         for worker_id, (tid, task) in oldest.items():
-            started = max(task.submitted, self.last_done.get(worker_id, 0.0))
+            ready = self.ready_at.get(worker_id)
+            if ready is None and slow_start:
+                continue  # a Ray actor still being placed or started: its pool bounds that wait itself
+            started = max(task.submitted, self.last_done.get(worker_id, 0.0), ready or 0.0)
             if now - started <= threshold or tid in sup.reported:
                 continue
             sup.reported.add(tid)

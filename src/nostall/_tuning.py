@@ -25,13 +25,15 @@ class TuningDriver:
         self.polled = 0.0  # seconds the current next_batch call waited for workers
         self.cpu = (0.0, 0.0)  # this process's CPU time at the period start, workers' CPU since
 
-    def start(self, n: int) -> int | None:
-        """A pool of up to ``n`` workers starts: how many to start (None: all of them)."""
+    def start(self, n: int, budget: float | None = None) -> int | None:
+        """A pool of up to ``n`` workers starts: how many to start (None: all of them).
+        ``budget``: the CPUs the workers may use (default: this machine's, for this rank)."""
         config = self.config
         if not (config.auto_workers or config.auto_prefetch or self.kind_open):
             return None
         if self.tuner is None:
-            budget = local_cpu_budget()  # usable CPUs shared among this machine's ranks
+            if budget is None:
+                budget = local_cpu_budget()  # usable CPUs shared among this machine's ranks
             first = initial_workers(budget, n) if config.auto_workers else n
             self.tuner = AutoTuner(n, budget, first, config.prefetch_factor or 2,
                                    tune_workers=config.auto_workers, tune_prefetch=config.auto_prefetch)
