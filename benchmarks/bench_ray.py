@@ -11,10 +11,15 @@ Command
     PYTHONPATH=src .venv/bin/python benchmarks/bench_ray.py --out bench-results/bench_ray.json
 
 Method
-    A one-node Ray cluster is started with ``taskset -c 1 ray start --head
-    --num-cpus=1`` (GCS, raylet, object store and every actor process on CPU 1);
-    this process connects to it. Local worker processes are pinned to CPU 1 in
-    ``worker_init_fn``, so both kinds of worker run on the same CPU.
+    (1) runs on a one-node Ray cluster (``taskset -c 1 ray start --head
+    --num-cpus=1``: the actor on this machine's node, as the question asks). (2)
+    runs on a two-node cluster standing in for two machines: the head, where
+    training runs, with no CPU for actors (``taskset -c 0 ray start --head
+    --num-cpus=0``: its GCS and raylet on CPU 0, as on the training machine), and a
+    node lending one CPU (``taskset -c 1 ray start --address=... --num-cpus=1``: its
+    raylet, object store and actor processes on CPU 1). This process connects to
+    the head. Local worker processes are pinned to CPU 1 in ``worker_init_fn``, so
+    both kinds of worker run on the same CPU.
 
     (1) Transport (with this process on CPU 0, then on any CPU, where it shares
         CPU 1 with the Ray node): a do-nothing dataset whose one sample is a preallocated
@@ -127,14 +132,22 @@ def scale_out_run(kind: str, batches: int, sample_ms: float) -> float:
         return n / (time.perf_counter() - start)
 
 
-def start_node(store_bytes: int) -> str:
-    """A one-CPU Ray head pinned to CPU 1; returns its address."""
+def start_cluster(two_nodes: bool, store_bytes: int = 1 << 30) -> str:
+    """One node pinned to CPU 1 with one CPU for actors; or (``two_nodes``) a head
+    pinned to CPU 0 with none and a one-CPU node pinned to CPU 1. Connects to it."""
+    import ray
+
+    ray.shutdown()
     subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
     env = {**os.environ, "PYTHONPATH": SRC}
-    subprocess.run(["taskset", "-c", "1", "ray", "start", "--head", "--num-cpus=1", "--port=6390",
-                    f"--object-store-memory={store_bytes}", "--include-dashboard=false", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True)
-    return "127.0.0.1:6390"
+    common = [f"--object-store-memory={store_bytes}", "--disable-usage-stats"]
+    head_cpu, head_cpus = ("0", "0") if two_nodes else ("1", "1")
+    subprocess.run(["taskset", "-c", head_cpu, "ray", "start", "--head", f"--num-cpus={head_cpus}", "--port=6390",
+                    "--include-dashboard=false", *common], env=env, check=True, capture_output=True)
+    if two_nodes:
+        subprocess.run(["taskset", "-c", "1", "ray", "start", "--address=127.0.0.1:6390", "--num-cpus=1", *common],
+                       env=env, check=True, capture_output=True)
+    ray.init(address="127.0.0.1:6390", log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": SRC}})
 
 
 def main() -> None:
@@ -150,9 +163,8 @@ def main() -> None:
 
     bin_dir = os.path.dirname(sys.executable)
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    address = start_node(1 << 30)
     try:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": SRC}})
+        start_cluster(two_nodes=False)
         results: dict = {"cpus": os.cpu_count(), "ray": ray.__version__, "torch": torch.__version__}
         print("(1) a 32x480x640 uint8 batch (9.8 MB) through one worker on CPU 1, empty loop:")
         everywhere = os.sched_getaffinity(0)
@@ -163,6 +175,7 @@ def main() -> None:
                 print(f"    loop on {where:7s} {'Ray actor' if kind == 'ray' else 'local process':14s} "
                       f"p50 {r['p50_ms']:6.2f} ms   p99 {r['p99_ms']:6.2f} ms   ({r['batches']} batches)")
         os.sched_setaffinity(0, {0})  # the training process on CPU 0 from here on
+        start_cluster(two_nodes=True)
         print(f"(2) {args.sample_ms:g} ms of CPU per sample, batch 32, 100 ms step; this process on CPU 0; "
               f"median of {args.runs} runs of {args.batches} batches:")
         rates: dict = {k: [] for k in "abc"}
