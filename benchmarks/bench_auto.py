@@ -48,8 +48,8 @@ import torch
 from torch.utils.data import Dataset
 
 import nostall
-from nostall._stats import batch_len
-from nostall._workloads import WORKLOADS, RemoteReads, TinySamples
+from nostall.observe._stats import batch_len
+from nostall.cli._workloads import WORKLOADS, RemoteReads, TinySamples
 
 
 @functools.lru_cache(maxsize=None)

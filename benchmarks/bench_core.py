@@ -20,7 +20,7 @@ Command
     ``--pause-targets --repeat 3`` runs only the pause targets, with verdicts)
 
 Method
-    Every configuration runs in a fresh subprocess (``nostall._measure``), one
+    Every configuration runs in a fresh subprocess (``nostall.cli._measure``), one
     after the other, on the same machine and the same cached frames. torch runs
     with transient workers (its default) and with ``persistent_workers=True``;
     nostall with its defaults. Figures: time to first batch, each pause between
@@ -45,8 +45,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nostall import _measure
-from nostall._measure import LOADERS, START_METHODS, MeasureFailed, RunResult, RunSpec
+from nostall.cli import _measure
+from nostall.cli._measure import LOADERS, START_METHODS, MeasureFailed, RunResult, RunSpec
 
 
 def _say(message: str) -> None:
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("note: nostall.DataLoader is not importable; running torch's rows only.")
         loaders.remove("nostall")
 
-    from nostall._workloads import ensure_spotgeo
+    from nostall.cli._workloads import ensure_spotgeo
 
     t = time.perf_counter()
     frames_dir = ensure_spotgeo(args.frames, args.cache_dir, progress=_say)

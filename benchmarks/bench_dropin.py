@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from nostall import _measure
-from nostall._measure import RunResult
+from nostall.cli import _measure
+from nostall.cli._measure import RunResult
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "dropin_script.py"
@@ -225,7 +225,7 @@ def report(args, results, rows, duration: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    from nostall._workloads import ensure_spotgeo
+    from nostall.cli._workloads import ensure_spotgeo
 
     ensure_spotgeo(max(args.frames, args.short_size), progress=_say)
     todo = specs(args)

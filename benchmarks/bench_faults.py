@@ -759,7 +759,7 @@ def main(argv=None) -> int:
     if args.child:
         JOBS[args.child](args.loader, json.loads(args.opts))
         return 0
-    from nostall._measure import environment_info
+    from nostall.cli._measure import environment_info
 
     started = time.monotonic()
     rows: list[dict] = []

@@ -13,12 +13,12 @@ Command
     (``--rows 100000`` for a run of about a minute)
 
 Method
-    Every configuration runs in a fresh subprocess (``nostall._measure``), one
+    Every configuration runs in a fresh subprocess (``nostall.cli._measure``), one
     after the other: it builds the rows (and converts them with ``flat``, then
     drops the list), builds the loader, iterates 2 epochs (batch 256, shuffled)
     and closes it. ``__getitem__`` is cheap, as in the issue: a 4-float tensor
     from the bbox and the label. Figures: peak PSS summed over the process tree
-    (``nostall._memory.ProcessTreeMemory``; PSS splits shared pages between the
+    (``nostall.observe._memory.ProcessTreeMemory``; PSS splits shared pages between the
     processes sharing them, so forked workers are not counted several times),
     sampled every 50 ms; samples/s from loader construction to the last batch
     (worker start-up included). torch runs with ``persistent_workers=True``, the
@@ -98,7 +98,7 @@ def plain_dataset() -> Annotations:
 
 def flat_dataset() -> Annotations:
     """The same rows converted with ``nostall.flat`` (``bench_memory:flat_dataset``)."""
-    from nostall._containers import flat
+    from nostall.containers._flat import flat
 
     rows = annotations(_rows())
     table = flat(rows)
@@ -133,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def specs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """(dataset kind, RunSpec) for every row of the table, in the order printed."""
-    from nostall._measure import RunSpec
+    from nostall.cli._measure import RunSpec
 
     common = {"size": args.rows, "batch_size": args.batch_size, "epochs": args.epochs}
     out = []
@@ -151,8 +151,8 @@ def specs(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def conversion_figures(rows: int) -> dict[str, float]:
     """In this process: seconds to build the list and to convert it, and both sizes."""
-    from nostall._containers import flat
-    from nostall._doctor import estimate_size
+    from nostall.containers._flat import flat
+    from nostall.cli._doctor import estimate_size
 
     t = time.perf_counter()
     data = annotations(rows)
@@ -187,8 +187,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nostall import _measure
-    from nostall._measure import MeasureFailed
+    from nostall.cli import _measure
+    from nostall.cli._measure import MeasureFailed
 
     args = parse_args(argv)
     started = time.perf_counter()

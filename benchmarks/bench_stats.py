@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import nostall
-from nostall._workloads import TinySamples
+from nostall.cli._workloads import TinySamples
 
 
 def run(dataset, stats: bool, **kw) -> float:
@@ -48,8 +48,8 @@ def run(dataset, stats: bool, **kw) -> float:
 
 def _without_profiler_check():
     """Swap in the iterators' ``__next__`` without the profiler check; returns an undo."""
-    from nostall import _loader
-    from nostall._stats import MeasuredIterator
+    from nostall.core import _loader
+    from nostall.observe._stats import MeasuredIterator
 
     saved = _loader._EpochIterator.__next__, _loader._MeasuredLoaderIter.__next__
     _loader._EpochIterator.__next__ = lambda self: self._next()

@@ -68,7 +68,7 @@ class DictRows(Dataset):
 def build(name: str, size: int):
     """The dataset ``name`` (one of :data:`NAMES`) with ``size`` samples."""
     if name == "png":
-        from nostall._workloads import SpotGeoFrames, ensure_spotgeo
+        from nostall.cli._workloads import SpotGeoFrames, ensure_spotgeo
 
         return SpotGeoFrames(ensure_spotgeo(size), size)
     if name == "numpy":

@@ -5,7 +5,7 @@ the top of the script, so a spawned worker (or nostall's factory) imports them w
 it re-imports the main script. ``inside`` (the default): every import is inside
 ``main()``, as in CLIs and Hydra apps, so a spawned process re-imports a script that
 imports nothing and gets torch and the dataset module only when it unpickles the
-dataset. Both run the same loop: ``nostall._measure.measure``.
+dataset. Both run the same loop: ``nostall.cli._measure.measure``.
 
     python benchmarks/dropin_script.py '{"loader": "nostall", "dataset": "png", "size": 1280,
         "num_workers": 8, "start_method": "spawn", "epochs": 3, "batch_size": 32}'
@@ -23,7 +23,7 @@ if os.environ.get("NOSTALL_BENCH_LAYOUT") == "top":
     import torch  # noqa: F401
 
     import nostall  # noqa: F401
-    from nostall import _measure  # noqa: F401
+    from nostall.cli import _measure  # noqa: F401
 
 
 def _descendants(pid: int) -> list:
@@ -77,7 +77,7 @@ def main() -> None:
     import torch
 
     import nostall
-    from nostall import _measure
+    from nostall.cli import _measure
 
     spec = json.loads(sys.argv[1])
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ import psutil
 from torch.utils.data._utils.collate import default_collate
 
 import nostall
-from nostall._workloads import TinySamples
+from nostall.cli._workloads import TinySamples
 
 
 def cpu_seconds(proc: psutil.Process) -> float:

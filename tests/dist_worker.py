@@ -28,7 +28,8 @@ import torch.utils.data as tud
 from toy_datasets import Indexed  # this script's directory, tests/, is on sys.path
 
 import nostall
-from nostall import _cpus, _distributed
+from nostall.core import _distributed
+from nostall.observe import _cpus
 
 RESUME_AT = 5
 

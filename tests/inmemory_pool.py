@@ -21,8 +21,8 @@ import os
 import signal
 import traceback
 
-from nostall import _pool, _worker
-from nostall._protocol import Started, Stop, Task, WorkerDied, WorkerExit
+from nostall.workers import _pool, _worker
+from nostall.workers._protocol import Started, Stop, Task, WorkerDied, WorkerExit
 
 
 class _Worker:
@@ -35,7 +35,7 @@ class _Worker:
 
 
 class InMemoryPool:
-    """Implements ``nostall._protocol.WorkerPool`` with workers run in the calling thread
+    """Implements ``nostall.workers._protocol.WorkerPool`` with workers run in the calling thread
     (see the module docstring).
 
     ``die_on_task``: ``{worker_id: n}``: that worker dies (``exitcode``, SIGKILL by default)

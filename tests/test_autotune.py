@@ -10,7 +10,7 @@ from conftest import assert_same_epochs
 from toy_datasets import EpochAware, Indexed, SimpleIterable, Sleepy
 
 import nostall
-from nostall._autotune import RETRY_PERIODS, AutoTuner
+from nostall.control._autotune import RETRY_PERIODS, AutoTuner
 
 
 def _period(tuner: AutoTuner, now: float, waiting: float, batches_per_s: float, *, cost=0.1, cpu_cost=0.0,

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import yaml
 
-from nostall import _bench
-from nostall._measure import MeasureFailed, RunResult, RunSpec
+from nostall.cli import _bench
+from nostall.cli._measure import MeasureFailed, RunResult, RunSpec
 
 
 def _cli(*args, cwd=None, timeout=240):
@@ -100,7 +100,7 @@ def test_tune_end_to_end_on_a_latency_bound_workload(tmp_path):
     assert "nostall: num_workers=" in run.stdout and "torch:   DataLoader(dataset, batch_size=8" in run.stdout
     assert "persistent_workers=True" in run.stdout
     doc = yaml.safe_load(out.read_text())
-    from nostall._loader_config import LoaderConfig
+    from nostall.core._loader_config import LoaderConfig
 
     config = LoaderConfig.load(out)
     # Each sample waits 10 ms: two workers double the rate, so the search goes past 0 and 2.

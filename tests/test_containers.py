@@ -1,4 +1,4 @@
-"""Flat containers (nostall._containers): conversion, errors, pickling, sharing, loaders."""
+"""Flat containers (nostall.containers._flat): conversion, errors, pickling, sharing, loaders."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import assert_same, close_loader, nostall_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nostall._containers import NumberArray, ObjectArray, Records, StringArray, flat
+from nostall.containers._flat import NumberArray, ObjectArray, Records, StringArray, flat
 
 Row = namedtuple("Row", ["path", "label"])
 

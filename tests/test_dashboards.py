@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import nostall
-from nostall._loader import PROFILE_NAME
-from nostall._stats import SCALAR_NAMES
+from nostall.core._loader import PROFILE_NAME
+from nostall.observe._stats import SCALAR_NAMES
 
 DS = TensorDataset(torch.arange(128.0).view(64, 2), torch.arange(64))
 

@@ -20,7 +20,8 @@ from conftest import SRC_DIR, TESTS_DIR
 from toy_datasets import Indexed
 
 import nostall
-from nostall import _cpus, _distributed
+from nostall.core import _distributed
+from nostall.observe import _cpus
 
 N = 101  # odd: DistributedSampler pads one rank
 WORLD = 2

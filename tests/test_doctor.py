@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from nostall import _cpus, _doctor
-from nostall._cpus import usable_cpus
-from nostall._doctor import (
+from nostall.cli import _doctor
+from nostall.observe import _cpus
+from nostall.observe._cpus import usable_cpus
+from nostall.cli._doctor import (
     Finding,
     check_copy_on_read,
     check_cpus,
@@ -33,7 +34,7 @@ from nostall._doctor import (
     check_threads,
     format_report,
 )
-from nostall._torch_versions import accelerator as _accelerator
+from nostall.core._torch_versions import accelerator as _accelerator
 
 MB = 1024 * 1024
 
@@ -110,7 +111,7 @@ def test_cgroup_file_formats():
 
 @pytest.mark.timeout(30)
 def test_usable_cpus_follows_a_restricted_affinity():
-    code = "from nostall._cpus import usable_cpus; c = usable_cpus(); print(c.count); print(c.source)"
+    code = "from nostall.observe._cpus import usable_cpus; c = usable_cpus(); print(c.count); print(c.source)"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30,
                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,6 @@
 """The engine against an in-memory pool (tests/inmemory_pool.py): the real engine, the real
 BatchMaker and ``serve`` loop, no processes, no threads, no pipes. What these tests check
-is the engine's side of the worker protocol (``nostall._protocol``)."""
+is the engine's side of the worker protocol (``nostall.workers._protocol``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from inmemory_pool import InMemoryPool, use_inmemory_pool
 from toy_datasets import Indexed
 
 import nostall
-from nostall._protocol import PipeOnly, Result, Task, TransportFallback, WorkerPool
+from nostall.workers._protocol import PipeOnly, Result, Task, TransportFallback, WorkerPool
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -30,7 +30,7 @@ def _epochs(loader, epochs: int) -> list:
 
 def test_inmemory_pool_implements_the_protocol():
     """Every member ``WorkerPool`` declares, the pools have (the process and thread pools too)."""
-    from nostall._pool import ProcessPool, ThreadPool
+    from nostall.workers._pool import ProcessPool, ThreadPool
 
     members = [m for m in (*WorkerPool.__annotations__, *vars(WorkerPool)) if not m.startswith("_")]
     assert {"submit", "poll", "close", "restart", "uses_shm", "exits"} <= set(members)
@@ -128,8 +128,8 @@ def test_transport_fallback_switches_every_worker_to_the_pipe():
 
 def test_serve_answers_each_message_type():
     """``serve`` is the loop of both kinds of worker: a PipeOnly is handled, not passed to make."""
-    from nostall import _worker
-    from nostall._protocol import Pause, SetAttrs, Stop
+    from nostall.workers import _worker
+    from nostall.workers._protocol import Pause, SetAttrs, Stop
 
     dataset = Indexed(8)
     spec = _worker.WorkSpec(dataset, iterable=False, auto_collation=True,
@@ -145,5 +145,5 @@ def test_serve_answers_each_message_type():
     assert sent[1].payload.tolist() == [2] and sent[0].done >= sent[0].started > 0
     assert maker.no_shm and dataset.tag == "x"
     assert inbox == [Task(9, 0, 2, [3])]  # Stop ended the loop
-    with pytest.raises(TypeError, match="not a message of nostall._protocol"):
+    with pytest.raises(TypeError, match="not a message of nostall.workers._protocol"):
         _worker.serve(maker, lambda: {"tag": "y"}, lambda m: True)

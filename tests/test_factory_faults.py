@@ -20,7 +20,7 @@ from conftest import flat_indices
 from toy_datasets import Indexed, RandomValues
 
 import nostall
-import nostall._pool
+import nostall.workers._pool
 
 METHODS = ["fork", "spawn"]
 
@@ -31,7 +31,7 @@ def every_worker_from_the_factory(monkeypatch):
     factory starts with the first replacement; the tests that SIGKILL the factory from
     the first batch on have every worker made by it (the tests at the end of this file
     cover the loader's own workers)."""
-    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", False)
+    monkeypatch.setattr(nostall.workers._pool, "FORK_FIRST_WORKERS", False)
 
 
 def _gen(seed=0):
@@ -244,7 +244,7 @@ def test_fork_first_workers_are_the_loaders_children_and_the_factory_starts_on_d
     """Under fork the first workers are forked straight from the loader's process, as
     torch's are (no factory in between on the way to the first batch); a replacement
     comes from a factory started for it. Batches match torch's; close() leaves nothing."""
-    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", True)
+    monkeypatch.setattr(nostall.workers._pool, "FORK_FIRST_WORKERS", True)
     dataset = Indexed(96)
     kw = dict(batch_size=8, shuffle=True, num_workers=2)
     torch_loader = tud.DataLoader(dataset, generator=_gen(), **kw)
@@ -282,7 +282,7 @@ def test_factory_death_spares_the_loaders_own_workers(monkeypatch):
     """Under fork, SIGKILL the factory (started for a replacement): only the workers it
     made die with it and are replaced; the loader's own worker keeps its pid; torch's
     batches, each once; nothing left after close()."""
-    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", True)
+    monkeypatch.setattr(nostall.workers._pool, "FORK_FIRST_WORKERS", True)
     dataset = Indexed(160)
     kw = dict(batch_size=8, shuffle=True, num_workers=2)
     expected = [b.tolist() for b in tud.DataLoader(dataset, generator=_gen(), **kw)]
@@ -337,7 +337,7 @@ def test_fork_loader_on_another_thread_forks_through_the_factory(monkeypatch):
     thread has its workers made by the factory (they die with the process, not the thread)."""
     import threading
 
-    monkeypatch.setattr(nostall._pool, "FORK_FIRST_WORKERS", True)
+    monkeypatch.setattr(nostall.workers._pool, "FORK_FIRST_WORKERS", True)
     out = {}
 
     def run():

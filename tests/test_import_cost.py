@@ -12,9 +12,9 @@ import pytest
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 # The command line's modules and their harness: never imported by a loader.
-TOOLS = ("nostall._cli", "nostall._bench", "nostall._measure", "nostall._tune", "nostall._doctor",
-         "nostall._workloads", "nostall._plot", "nostall._script", "nostall._factory",
-         "nostall._config_command")
+TOOLS = ("nostall.cli._main", "nostall.cli._bench", "nostall.cli._measure", "nostall.cli._tune", "nostall.cli._doctor",
+         "nostall.cli._workloads", "nostall.cli._plot", "nostall.observe._script", "nostall.cli._resolve",
+         "nostall.cli._config")
 
 # Runs `python -m nostall ARGS` in this interpreter, then reports which modules it imported.
 _RUN_CLI = """
@@ -48,7 +48,7 @@ def test_the_command_line_answers_without_importing_torch(args):
     out, code, modules = _cli(*args)
     assert code == (2 if not args else 0) and (out or not args)
     assert "torch" not in modules and "numpy" not in modules
-    assert not modules & {"nostall._measure", "nostall._bench", "nostall._doctor", "nostall._tune"}
+    assert not modules & {"nostall.cli._measure", "nostall.cli._bench", "nostall.cli._doctor", "nostall.cli._tune"}
     if args and args[0] == "--help":
         assert all(name in out for name in ("demo", "bench", "tune", "config", "doctor"))
         assert "yaml" not in modules
@@ -57,7 +57,7 @@ def test_the_command_line_answers_without_importing_torch(args):
 @pytest.mark.timeout(120)
 def test_a_subcommand_gets_its_full_parser():
     out, code, modules = _cli("doctor", "--help")
-    assert code == 0 and "--num-workers" in out and "nostall._doctor" in modules
+    assert code == 0 and "--num-workers" in out and "nostall.cli._doctor" in modules
 
 
 @pytest.mark.timeout(120)
@@ -71,7 +71,7 @@ def test_a_loader_imports_none_of_the_command_line_tools():
     assert proc.returncode == 0, proc.stderr
     modules = set(json.loads(proc.stdout))
     assert not modules & set(TOOLS)
-    assert "ray" not in modules and "nostall._ray_pool" not in modules  # only worker_type="ray" imports Ray
+    assert "ray" not in modules and "nostall.workers._ray_pool" not in modules  # only worker_type="ray" imports Ray
 
 
 @pytest.mark.timeout(120)
@@ -103,7 +103,7 @@ def test_public_names_and_errors():
     import nostall
     from nostall import DataLoader
 
-    assert nostall.DataLoader is DataLoader and DataLoader.__module__ == "nostall._loader"
+    assert nostall.DataLoader is DataLoader and DataLoader.__module__ == "nostall.core._loader"
     assert set(nostall.__all__) <= set(dir(nostall))
     for name in nostall.__all__:
         assert getattr(nostall, name) is not None

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nostall
-from nostall import _config_command
-from nostall._loader_config import (
+from nostall.cli import _config
+from nostall.core._loader_config import (
     START_METHODS,
     TEMPLATES,
     WORKER_TYPES,
@@ -29,7 +29,7 @@ from nostall._loader_config import (
     template,
 )
 from nostall._options import OPTIONS
-from nostall._torch_versions import HAS_IN_ORDER
+from nostall.core._torch_versions import HAS_IN_ORDER
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 KNOWN_KEYS = ("batch_size, shuffle, drop_last, num_workers, prefetch_factor, persistent_workers, "
@@ -490,7 +490,7 @@ def test_from_config_gives_torchs_batches_with_two_workers(persistent):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nostall")
-    _config_command.add_parser(parser.add_subparsers())
+    _config.add_parser(parser.add_subparsers())
     return parser
 
 

@@ -1,4 +1,4 @@
-"""nostall._measure (figures of one loader run) and the `nostall demo` command."""
+"""nostall.cli._measure (figures of one loader run) and the `nostall demo` command."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import psutil
 import pytest
 import torch
 
-from nostall import _cli, _measure
-from nostall._measure import (
+from nostall.cli import _main, _measure
+from nostall.cli._measure import (
     MeasureFailed,
     ProcessTreeMemory,
     RunResult,
@@ -26,7 +26,7 @@ from nostall._measure import (
     run_isolated,
     run_spec,
 )
-from nostall._workloads import TinySamples
+from nostall.cli._workloads import TinySamples
 
 HAS_PSS = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
 
@@ -305,15 +305,15 @@ def test_demo_command_end_to_end(tmp_path):
 
 
 def test_cli_without_command_prints_help(capsys):
-    assert _cli.main([]) == 2
+    assert _main.main([]) == 2
     assert "demo" in capsys.readouterr().out
 
 
 def test_cli_rejects_bad_numbers():
     with pytest.raises(SystemExit):
-        _cli.main(["demo", "--frames", "0"])
+        _main.main(["demo", "--frames", "0"])
     with pytest.raises(SystemExit):
-        _cli.main(["demo", "--workers", "-1"])
+        _main.main(["demo", "--workers", "-1"])
 
 
 @pytest.mark.timeout(60)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 import nostall
-import nostall._engine as engine_module
+import nostall.core._engine as engine_module
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,8 +133,8 @@ def test_out_of_order_delivery_ledger_stays_small():
 def test_stats_keep_the_latest_batches_and_epochs(monkeypatch):
     """stats=True: the trace keeps the latest batches (``_TIMELINE_LIMIT``, lowered here
     so the rings are full by batch 5,000) and the latest epochs; past that nothing grows."""
-    monkeypatch.setattr(nostall._stats, "_TIMELINE_LIMIT", 4_096)
-    monkeypatch.setattr(nostall._stats, "_EPOCHS_KEPT", 4)
+    monkeypatch.setattr(nostall.observe._stats, "_TIMELINE_LIMIT", 4_096)
+    monkeypatch.setattr(nostall.observe._stats, "_EPOCHS_KEPT", 4)
     with nostall.DataLoader(Tiny(), batch_size=1, num_workers=2, persistent_workers=True, worker_type="thread") as loader:
         assert _growth(loader, 5 * 1024, 20 * 1024) < 200_000  # (whole chunks of 1,024 records at both)
         stats = loader.stats
@@ -150,7 +150,7 @@ def test_ring_holds_the_latest_records_in_a_few_megabytes():
     oldest first."""
     import tracemalloc
 
-    from nostall._stats import _TIMELINE_LIMIT, _Ring
+    from nostall.observe._stats import _TIMELINE_LIMIT, _Ring
 
     tracemalloc.start(1)
     try:

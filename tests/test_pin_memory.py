@@ -46,7 +46,7 @@ def test_batches_are_pinned_outside_the_training_thread(monkeypatch):
     import threading
 
     import torch.utils.data._utils.pin_memory as torch_pin
-    from nostall import _engine
+    from nostall.core import _engine
 
     threads = []
 
@@ -66,7 +66,7 @@ def test_pinner_pins_in_its_thread_and_raises_in_take():
     the thread it ran in (torch's pin needs an accelerator)."""
     import threading
 
-    from nostall._pinning import Pinner
+    from nostall.core._pinning import Pinner
 
     ran_in = []
     gate = threading.Event()

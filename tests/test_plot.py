@@ -1,4 +1,4 @@
-"""The PNG figure of ``nostall bench`` (nostall._plot.plot_bench).
+"""The PNG figure of ``nostall bench`` (nostall.cli._plot.plot_bench).
 
 Records are synthetic (no loader is run): batch arrivals with epochs and pauses
 shaped like a real sweep (torch's transient workers pause for seconds with spawn,
@@ -80,7 +80,7 @@ def _size(path):
 @pytest.fixture
 def plot_bench():
     pytest.importorskip("matplotlib")
-    from nostall._plot import plot_bench
+    from nostall.cli._plot import plot_bench
 
     return plot_bench
 
@@ -122,7 +122,7 @@ def test_explicit_timeline_runs_and_mixed_workloads(plot_bench, tmp_path):
 
 
 def test_timeline_shows_the_worst_torch_pause_against_the_others():
-    from nostall._plot import _pick_timeline_runs
+    from nostall.cli._plot import _pick_timeline_runs
 
     records = synthetic_records()
     chosen = [r["spec"] for _, r in _pick_timeline_runs(list(enumerate(records)))]
@@ -146,7 +146,7 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path):
         "import sys\n"
         "sys.modules['matplotlib'] = None  # as if it were not installed\n"
         "import nostall\n"  # importing nostall never needs matplotlib
-        "from nostall._plot import plot_bench\n"
+        "from nostall.cli._plot import plot_bench\n"
         "try:\n"
         "    plot_bench([], sys.argv[1])\n"
         "except ImportError as exc:\n"

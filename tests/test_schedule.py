@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nostall._schedule import Scheduler
+from nostall.core._schedule import Scheduler
 
 
 def _answer(s: Scheduler, w: int, started: float, done: float) -> dict:

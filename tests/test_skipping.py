@@ -9,7 +9,7 @@ import torch
 from toy_datasets import Indexed, Raises
 
 import nostall
-from nostall._supervise import allowed_skips
+from nostall.control._supervise import allowed_skips
 
 pytestmark = pytest.mark.timeout(60)
 

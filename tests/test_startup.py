@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 import nostall
-from nostall import _engine as engine_module
-from nostall._cpus import usable_cpus
-from nostall._memory import proc_descendants
+from nostall.core import _engine as engine_module
+from nostall.observe._cpus import usable_cpus
+from nostall.observe._memory import proc_descendants
 
 
 class Squares(Dataset):

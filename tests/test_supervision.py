@@ -371,7 +371,7 @@ def test_low_open_files_limit(tmp_path, soft, hard):
 def test_shared_memory_stranded_by_a_killed_worker_is_removed():
     """torch names a worker's shared tensors /dev/shm/torch_<pid>_...; one killed while
     creating a tensor leaves the file behind. Only that pid's files go."""
-    from nostall._limits import remove_stranded_shm
+    from nostall.workers._limits import remove_stranded_shm
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -3,7 +3,7 @@
 Before, they kept the script's command line (a worker looked like the training script
 itself). torch names its workers ``pt_data_worker``. nostall sets the 15-byte comm to
 ``nostall-wkr-N`` / ``nostall-factory`` and the command line to ``nostall-worker-N`` /
-``nostall-factory`` (see ``nostall._procname``). Read from /proc of real processes.
+``nostall-factory`` (see ``nostall.workers._procname``). Read from /proc of real processes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import nostall
-from nostall import _procname
+from nostall.workers import _procname
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process names")
 

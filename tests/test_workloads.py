@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nostall import _workloads as wl
-from nostall._workloads import (
+from nostall.cli import _workloads as wl
+from nostall.cli._workloads import (
     FRAME_HEIGHT,
     FRAME_WIDTH,
     WORKLOADS,

@@ -15,35 +15,35 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them
-    from ._containers import NumberArray, ObjectArray, Records, StringArray, flat
-    from ._device import DeviceLoader, to_device
-    from ._distributed import ShardInfo, shard_info
-    from ._loader import DataLoader
-    from ._loader_config import LoaderConfig
-    from ._seeding import WorkerRNG, worker_rng
-    from ._stats import EpochStats, LoaderStats
-    from ._watch import Watched, progress, watch
+    from .containers._flat import NumberArray, ObjectArray, Records, StringArray, flat
+    from .core._device import DeviceLoader, to_device
+    from .core._distributed import ShardInfo, shard_info
+    from .core._loader import DataLoader
+    from .core._loader_config import LoaderConfig
+    from .workers._seeding import WorkerRNG, worker_rng
+    from .observe._stats import EpochStats, LoaderStats
+    from .observe._watch import Watched, progress, watch
 
 # Public name -> the private module defining it.
 _WHERE = {
-    "DataLoader": "_loader",
-    "DeviceLoader": "_device",
-    "EpochStats": "_stats",
-    "LoaderConfig": "_loader_config",
-    "LoaderStats": "_stats",
-    "NumberArray": "_containers",
-    "ObjectArray": "_containers",
-    "Records": "_containers",
-    "ShardInfo": "_distributed",
-    "StringArray": "_containers",
-    "Watched": "_watch",
-    "WorkerRNG": "_seeding",
-    "flat": "_containers",
-    "progress": "_watch",
-    "shard_info": "_distributed",
-    "to_device": "_device",
-    "watch": "_watch",
-    "worker_rng": "_seeding",
+    "DataLoader": "core._loader",
+    "DeviceLoader": "core._device",
+    "EpochStats": "observe._stats",
+    "LoaderConfig": "core._loader_config",
+    "LoaderStats": "observe._stats",
+    "NumberArray": "containers._flat",
+    "ObjectArray": "containers._flat",
+    "Records": "containers._flat",
+    "ShardInfo": "core._distributed",
+    "StringArray": "containers._flat",
+    "Watched": "observe._watch",
+    "WorkerRNG": "workers._seeding",
+    "flat": "containers._flat",
+    "progress": "observe._watch",
+    "shard_info": "core._distributed",
+    "to_device": "core._device",
+    "watch": "observe._watch",
+    "worker_rng": "workers._seeding",
 }
 
 # Submodules reachable as attributes (``nostall.lightning``); not in __all__: each

@@ -2,7 +2,7 @@
 
 import sys
 
-from nostall._cli import main
+from nostall.cli._main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ beside ``loader:`` is an error, so a setting placed at the wrong level is caught
 The fields, their defaults and their checks come from ``nostall._options.OPTIONS``,
 the table the loader's own argument checks come from too. This is the user-facing
 configuration; :class:`nostall._config.PoolConfig` is the engine's internal one,
-derived from a built loader. ``nostall config`` lives in ``nostall._config_command``.
+derived from a built loader. ``nostall config`` lives in ``nostall.cli._config``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._options import OPTIONS, START_METHODS, WORKER_TYPES  # noqa: F401  (re-exported)
+from .._options import OPTIONS, START_METHODS, WORKER_TYPES  # noqa: F401  (re-exported)
 
 # Top-level sections allowed beside ``loader:``; their contents are not interpreted.
 SECTIONS = ("notes", "measured")
@@ -179,7 +179,7 @@ LoaderConfig = dataclasses.make_dataclass(
     [(name, option.annotation, dataclasses.field(default=option.default)) for name, option in OPTIONS.items()],
     bases=(_LoaderConfigMethods,),
     frozen=True,
-    namespace={"__module__": __name__},  # pickles and prints as nostall._loader_config.LoaderConfig
+    namespace={"__module__": __name__},  # pickles and prints as nostall.core._loader_config.LoaderConfig
 )
 LoaderConfig.__doc__ = """The settings of one ``nostall.DataLoader`` that a configuration file holds.
 

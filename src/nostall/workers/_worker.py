@@ -21,7 +21,8 @@ import torch
 from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-from . import _datapipes, _diagnose, _limits, _procname, _seeding, _stateful, _transport
+from ..observe import _diagnose
+from . import _datapipes, _limits, _procname, _seeding, _stateful, _transport
 from ._protocol import (Pause, PipeOnly, Result, Resume, SetAttrs, Started, StartFailed, Stop, Task,
                         TransportFallback)
 
@@ -393,7 +394,7 @@ def handle(maker: BatchMaker, msg, send: Callable[[Any], bool]) -> bool:
         return False
     else:
         raise TypeError(f"nostall worker {maker.worker_id} received {msg!r}, which is not a message of "
-                        "nostall._protocol (Task, Pause, SetAttrs, Resume, PipeOnly, Stop): the pool that sent "
+                        "nostall.workers._protocol (Task, Pause, SetAttrs, Resume, PipeOnly, Stop): the pool that sent "
                         "it does not follow the worker protocol")
     return True
 

@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from . import _stateful
+from ..workers import _stateful
 
 
 def is_auto(value) -> bool:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._options import START_METHODS
+from .._options import START_METHODS
 
 
 def parse_script(script: str | Path) -> ast.Module:

@@ -10,7 +10,7 @@ Three layers, each usable on its own:
     In this process: build the workload and the loader a :class:`RunSpec`
     describes (torch's ``DataLoader`` or ``nostall.DataLoader``) and measure it.
 ``run_isolated(spec)``
-    The same in a fresh ``python -m nostall._measure`` subprocess, in its own
+    The same in a fresh ``python -m nostall.cli._measure`` subprocess, in its own
     session, so runs do not share imports, caches, page-cache-warm allocators or
     memory figures; leftover processes of that session are killed and counted.
 
@@ -57,9 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from nostall._options import START_METHODS, int_from
-from nostall._cpus import usable_cpus
-from nostall._memory import ProcessTreeMemory
-from nostall._stats import batch_len
+from nostall.observe._cpus import usable_cpus
+from nostall.observe._memory import ProcessTreeMemory
+from nostall.observe._stats import batch_len
 
 __all__ = [
     "LOADERS",
@@ -124,8 +124,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.loader not in LOADERS:
             raise ValueError(f"`loader` must be one of {LOADERS}; got {self.loader!r}.")
-        from nostall._factory import is_reference
-        from nostall._workloads import WORKLOADS
+        from nostall.cli._resolve import is_reference
+        from nostall.cli._workloads import WORKLOADS
 
         if self.workload not in WORKLOADS and not is_reference(self.workload):
             raise ValueError(
@@ -472,8 +472,8 @@ def nostall_available() -> bool:
 
 def build_dataset(spec: RunSpec, progress: Callable[[str], None] | None = None) -> Any:
     """The dataset ``spec`` names: a built-in workload, or the user's ``module:factory``."""
-    from nostall._factory import call_factory
-    from nostall._workloads import WORKLOADS
+    from nostall.cli._resolve import call_factory
+    from nostall.cli._workloads import WORKLOADS
 
     if spec.workload not in WORKLOADS:
         return call_factory(spec.workload, "--dataset")
@@ -501,7 +501,7 @@ def loader_factory(spec: RunSpec, dataset: Any) -> Callable[[], Any]:
         drop_last=spec.drop_last,
     )
     if spec.collate is not None:
-        from nostall._factory import resolve
+        from nostall.cli._resolve import resolve
 
         kwargs["collate_fn"] = resolve(spec.collate, "--collate")
     if spec.worker_type is not None and spec.loader == "nostall":
@@ -581,7 +581,7 @@ def run_isolated(
     stderr: Any = None,
     orphan_grace_s: float = 3.0,
 ) -> RunResult:
-    """Measure ``spec`` in a fresh ``python -m nostall._measure`` subprocess.
+    """Measure ``spec`` in a fresh ``python -m nostall.cli._measure`` subprocess.
 
     The child runs in a session of its own; when it ends (or on timeout or
     Ctrl-C) every process left in that session is killed, and the count is
@@ -590,12 +590,12 @@ def run_isolated(
     ``stderr``: where the child's progress goes (default: captured and shown
     only on failure). Raises :class:`MeasureFailed` when the run fails.
     """
-    src_dir = str(Path(__file__).resolve().parents[1])
+    src_dir = str(Path(__file__).resolve().parents[2])
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (src_dir, child_env.get("PYTHONPATH", "")) if p
     )
-    cmd = [sys.executable, "-m", "nostall._measure", "--spec", json.dumps(spec.to_dict()), "--json"]
+    cmd = [sys.executable, "-m", "nostall.cli._measure", "--spec", json.dumps(spec.to_dict()), "--json"]
     if stderr is not None:
         cmd.append("--verbose")
     proc = subprocess.Popen(
@@ -776,13 +776,13 @@ def environment_info() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- #
-# python -m nostall._measure
+# python -m nostall.cli._measure
 # --------------------------------------------------------------------------- #
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m nostall._measure",
+        prog="python -m nostall.cli._measure",
         description="Measure one loader configuration in this process.",
     )
     p.add_argument("--spec", help="a RunSpec as JSON (other options override its fields)")

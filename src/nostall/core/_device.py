@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from ._options import is_int
+from .._options import is_int
 
 
 def to_device(loader, device="cuda", prefetch: int = 2) -> DeviceLoader:

@@ -1,6 +1,6 @@
 """``nostall config``: print a built-in loader configuration, list them, or check a file.
 
-It reads only :mod:`nostall._loader_config` (no torch import), so it answers at once.
+It reads only :mod:`nostall.core._loader_config` (no torch import), so it answers at once.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._loader_config import TEMPLATE_USES, TEMPLATES, ConfigError, LoaderConfig
+from ..core._loader_config import TEMPLATE_USES, TEMPLATES, ConfigError, LoaderConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

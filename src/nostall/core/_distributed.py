@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 import torch.utils.data as tud
 
-from ._cpus import local_world_size
+from ..observe._cpus import local_world_size
 
 _empty_warned = False
 

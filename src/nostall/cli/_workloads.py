@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ._options import int_from
+from .._options import int_from
 
 __all__ = [
     "FRAME_HEIGHT",
@@ -279,7 +279,7 @@ class SpotGeoFrames(Dataset):
         if not last.exists():
             raise FileNotFoundError(
                 f"{last} is missing: the directory holds fewer than {n_frames} frames; "
-                f"call nostall._workloads.ensure_spotgeo({n_frames}) first."
+                f"call nostall.cli._workloads.ensure_spotgeo({n_frames}) first."
             )
         self._labels = bytes(frame_label(seed, i) for i in range(n_frames))
 

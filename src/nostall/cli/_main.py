@@ -4,8 +4,8 @@ Each subcommand is an ``add_parser(subparsers)`` function in its own module that
 declares its arguments and sets ``func``; ``main`` only dispatches. A subcommand's
 module is imported only when that subcommand runs (:data:`COMMANDS`), so
 ``nostall --help`` and ``nostall config`` start without importing torch. This
-module parses and prints; measuring lives in :mod:`nostall._measure`, datasets in
-:mod:`nostall._workloads`.
+module parses and prints; measuring lives in :mod:`nostall.cli._measure`, datasets in
+:mod:`nostall.cli._workloads`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _say(message: str) -> None:
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     """Declare ``nostall demo``."""
-    from nostall._measure import LOADERS
+    from nostall.cli._measure import LOADERS
 
     p = subparsers.add_parser(
         "demo",
@@ -72,9 +72,9 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``nostall demo``; 0 when every configuration ran."""
-    from nostall import _bench, _measure
-    from nostall._measure import MeasureFailed, RunResult
-    from nostall._workloads import ensure_spotgeo
+    from nostall.cli import _bench, _measure
+    from nostall.cli._measure import MeasureFailed, RunResult
+    from nostall.cli._workloads import ensure_spotgeo
 
     frames = GUIDE_FRAMES if args.full else args.frames
     started = time.perf_counter()
@@ -132,13 +132,14 @@ def run_demo(args: argparse.Namespace) -> int:
 # name: (module, its function adding the subcommand, the line `nostall --help` shows).
 # A module is imported only when its subcommand is the one run.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("nostall._cli", "add_demo", "torch's DataLoader vs nostall on the SpotGEO-like workload"),
-    "bench": ("nostall._bench", "add_parser", "sweep num_workers / persistence / start methods for torch and nostall"),
-    "tune": ("nostall._tune", "add_parser",
+    "demo": ("nostall.cli._main", "add_demo", "torch's DataLoader vs nostall on the SpotGEO-like workload"),
+    "bench": ("nostall.cli._bench", "add_parser",
+              "sweep num_workers / persistence / start methods for torch and nostall"),
+    "tune": ("nostall.cli._tune", "add_parser",
              "find the best num_workers for nostall and for torch's DataLoader; write it as YAML"),
-    "config": ("nostall._config_command", "add_parser",
+    "config": ("nostall.cli._config", "add_parser",
                "print a loader configuration template or check a configuration file"),
-    "doctor": ("nostall._doctor", "add_parser",
+    "doctor": ("nostall.cli._doctor", "add_parser",
                "check this machine, a dataset and a training script for data-loading problems"),
 }
 

@@ -26,22 +26,22 @@ from dataclasses import dataclass
 
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from . import _datapipes, _limits, _seeding, _transport
-from ._autotune import AutoTuner
-from ._config import PoolConfig
-from ._large_containers import find_large_containers
+from ..workers import _datapipes, _limits, _seeding, _transport
+from ..control._autotune import AutoTuner
+from .._config import PoolConfig
+from ..containers._large_containers import find_large_containers
 from ._ledger import Ledger
 from ._pinning import Pinner
 from ._plan import EpochPlan, Planner, object_state
-from ._pool import ProcessPool, ThreadPool
-from ._protocol import (Pause, Result, SetAttrs, Started, StartFailed, Task, TransportFallback, WorkerDied,
+from ..workers._pool import ProcessPool, ThreadPool
+from ..workers._protocol import (Pause, Result, SetAttrs, Started, StartFailed, Task, TransportFallback, WorkerDied,
                         WorkerPool)
 from ._schedule import Scheduler
-from ._stats import WorkerLog
-from ._supervise import Supervision, Supervisor
-from ._transport_policy import TransportPolicy
-from ._tuning import TuningDriver
-from ._worker import BatchMaker, WorkSpec
+from ..observe._stats import WorkerLog
+from ..control._supervise import Supervision, Supervisor
+from ..workers._transport_policy import TransportPolicy
+from ..control._tuning import TuningDriver
+from ..workers._worker import BatchMaker, WorkSpec
 
 _COPY_ON_READ_WARN_BYTES = 32 * 2**20  # below this, copies per worker are not worth a warning
 _warned_copy_on_read = False
@@ -94,7 +94,7 @@ def make_pool(kind: str, spec: WorkSpec, num_workers: int, base_seed: int, start
     if kind == "thread":
         return ThreadPool(spec, num_workers, base_seed, start)
     if kind == "ray":
-        from ._ray_pool import RayPool  # Ray is imported only by loaders that ask for it
+        from ..workers._ray_pool import RayPool  # Ray is imported only by loaders that ask for it
 
         return RayPool(spec, num_workers, base_seed, start, ray_actor_options)
     return ProcessPool(ctx, spec, num_workers, base_seed, start)
@@ -248,7 +248,7 @@ class Engine:
         n, seed = self.config.num_workers, self.planner.base_seed
         budget = None
         if self._kind == "ray" and self.config.auto_workers:  # the cluster's free room, not this machine's CPUs
-            from ._ray_pool import auto_room
+            from ..workers._ray_pool import auto_room
 
             n, budget = auto_room(self.config.ray_actor_options, n)
         start = self.tuning.start(n, budget)
@@ -524,7 +524,7 @@ class Engine:
         else:
             self.close()
             raise TypeError(f"nostall's worker pool returned {msg!r} from worker {worker_id}, which is not a "
-                            "message of nostall._protocol (Result, Started, StartFailed, TransportFallback, "
+                            "message of nostall.workers._protocol (Result, Started, StartFailed, TransportFallback, "
                             "WorkerDied): the pool does not follow the worker protocol")
 
     # -- auto-tuning --------------------------------------------------------------

@@ -16,9 +16,9 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
-from . import _diagnose
-from ._config import PoolConfig
-from ._stats import batch_len
+from ..observe import _diagnose
+from .._config import PoolConfig
+from ..observe._stats import batch_len
 
 AUTO_HANG_FLOOR_S = 30.0  # an automatic threshold never goes below this
 AUTO_HANG_FACTOR = 20.0  # ... and is this many median batches

@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 
 from ._autotune import AutoTuner, initial_workers
-from ._config import PoolConfig
-from ._cpus import local_cpu_budget
+from .._config import PoolConfig
+from ..observe._cpus import local_cpu_budget
 
 
 class TuningDriver:

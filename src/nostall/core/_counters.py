@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from . import _stateful
+from ..workers import _stateful
 
 _NAME = re.compile(r"^_*(current_|cur_)?epochs?$", re.IGNORECASE)
 _LEAVES = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Tensor, types.ModuleType, type,

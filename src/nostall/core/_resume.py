@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._options import int_from
-from ._stateful import stateful
+from .._options import int_from
+from ..workers._stateful import stateful
 
 VERSION = 2
 _REQUIRED = ("epoch", "delivered", "base_seed", "generators", "global_rng", "private_generator",

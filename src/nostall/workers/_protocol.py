@@ -132,7 +132,7 @@ class TransportFallback(NamedTuple):
 
 @dataclass(frozen=True)
 class FactoryExit:
-    """How a worker factory process ended (see ``_zygote``): ``number`` counts the
+    """How a worker factory process ended (see ``_factory``): ``number`` counts the
     factories this pool lost (1 for the first), ``exitcode`` as in :class:`WorkerExit`."""
 
     number: int

@@ -14,10 +14,11 @@ import copy
 import itertools
 import warnings
 
-from . import _counters, _stateful
+from ..workers import _stateful
+from . import _counters
 from ._plan import EpochPlan, Planner
 from ._resume import Streams
-from ._protocol import Resume
+from ..workers._protocol import Resume
 
 
 class Ledger:

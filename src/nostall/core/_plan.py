@@ -65,7 +65,8 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from . import _datapipes, _resume, _seeding, _stateful
+from ..workers import _datapipes, _seeding, _stateful
+from . import _resume
 
 _PLAIN = (int, float, bool, str, bytes, type(None))
 

@@ -336,7 +336,7 @@ class MeasuredIterator:
     @property
     def _workers(self) -> list:
         """torch's private ``_workers``, for code that reads it (see ``_compat``)."""
-        from ._compat import worker_processes
+        from ..core._compat import worker_processes
 
         return worker_processes(self._engine)
 

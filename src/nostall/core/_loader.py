@@ -13,18 +13,20 @@ import torch.utils.data as tud
 from torch.autograd import _profiler_enabled
 from torch.autograd.profiler import record_function
 
-from . import _autotune, _compat, _datapipes, _resume
+from ..control import _autotune
+from ..workers import _datapipes
+from . import _compat, _resume
 from ._arguments import (as_count, check_generator, constructor_hint, explain, is_auto, iter_error, positive,
                          sync_dataset)
-from ._config import PoolConfig
-from ._options import check_loader_arguments
+from .._config import PoolConfig
+from .._options import check_loader_arguments
 from ._torch_versions import HAS_IN_ORDER, accelerator
-from ._cpus import local_cpu_budget
+from ..observe._cpus import local_cpu_budget
 from ._distributed import advance_epoch, shard_sampler
 from ._engine import Engine
 from ._plan import Planner
-from ._stats import LoaderStats, MeasuredIterator, Recorder, _clock
-from ._worker import WorkSpec
+from ..observe._stats import LoaderStats, MeasuredIterator, Recorder, _clock
+from ..workers._worker import WorkSpec
 
 _pin_warned = False
 _T_co = TypeVar("_T_co", covariant=True)
@@ -53,7 +55,7 @@ class DataLoader(tud.DataLoader[_T_co]):
       gives torch's transient workers (for comparison).
     * Randomness inside workers is seeded per batch from (base seed, epoch, batch
       number), so batches do not depend on ``num_workers`` or on which worker made
-      them. See ``nostall._plan`` for exactly when the global RNG is drawn. A
+      them. See ``nostall.core._plan`` for exactly when the global RNG is drawn. A
       ``worker_init_fn`` that seeds torch's, numpy's or Python's global generator
       wins in that worker, as in torch: nostall stops seeding that generator per
       batch there and warns once (draws from it then depend on the worker).
@@ -67,10 +69,10 @@ class DataLoader(tud.DataLoader[_T_co]):
       that wait on I/O and release the GIL); ``"process"`` (default) uses processes
       forked from one factory process, so ``spawn`` starts in about the time of one
       interpreter, not ``num_workers`` of them; ``"auto"`` starts with processes and
-      switches to threads when the workers mostly wait (see ``nostall._autotune``);
+      switches to threads when the workers mostly wait (see ``nostall.control._autotune``);
       ``"ray"`` makes batches in ``num_workers`` Ray actors, on any machine of a Ray
       cluster (``ray_actor_options`` goes to each actor's ``.options()``; default
-      ``num_cpus=1``), with the same batches and guarantees (see ``nostall._ray_pool``;
+      ``num_cpus=1``), with the same batches and guarantees (see ``nostall.workers._ray_pool``;
       ``pip install 'nostall[ray]'``).
     * ``num_workers="auto"`` / ``prefetch_factor="auto"`` tune themselves while the
       loop runs (``loader.stats.tuner`` says what changed and why). The attributes
@@ -154,7 +156,7 @@ class DataLoader(tud.DataLoader[_T_co]):
             num_workers = _autotune.MAX_WORKERS  # the most the tuner may use
         if auto_prefetch:
             prefetch_factor = 2  # where the tuner starts; torch refuses any prefetch_factor without workers
-        # Under torch.distributed each rank loads its own shard (see nostall._distributed).
+        # Under torch.distributed each rank loads its own shard (see nostall.core._distributed).
         self._nostall_shard_sampler = shard_sampler(
             dataset, sampler=sampler, batch_sampler=batch_sampler, shuffle=shuffle,
             drop_last=drop_last, generator=generator,

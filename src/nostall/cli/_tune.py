@@ -37,8 +37,8 @@ from ._measure import (
     loader_factory,
 )
 from ._measure import _make_step as make_step
-from ._options import START_METHODS, is_int, positive_int
-from ._stats import batch_len
+from .._options import START_METHODS, is_int, positive_int
+from ..observe._stats import batch_len
 
 GAIN = 1.05  # a step must gain this much to go on doubling
 NEAR_BEST = 1 / GAIN  # the pick: fewest workers within 5% of the best rate (less is noise)
@@ -207,7 +207,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``nostall tune``."""
     from ._bench import dataset_fields
-    from ._loader_config import LoaderConfig
+    from ..core._loader_config import LoaderConfig
 
     if args.seconds <= 0 or args.step_ms < 0:
         raise SystemExit("nostall tune: --seconds must be > 0 and --step-ms >= 0.")

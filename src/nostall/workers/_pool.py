@@ -1,6 +1,6 @@
 """Persistent worker pools: the two implementations of ``_protocol.WorkerPool``.
 
-``ProcessPool`` runs workers forked from a factory process (see ``_zygote``), and
+``ProcessPool`` runs workers forked from a factory process (see ``_factory``), and
 under ``fork`` its first workers straight from this process;
 ``ThreadPool`` runs them as threads of this process. Both deliver
 ``(worker_id, message)`` pairs from ``poll`` (messages of ``_protocol``). A worker
@@ -20,7 +20,8 @@ import weakref
 import multiprocessing.process
 from multiprocessing import connection, reduction, util
 
-from . import _diagnose, _limits, _pickling, _transport, _worker, _zygote
+from ..observe import _diagnose
+from . import _factory, _limits, _pickling, _transport, _worker
 from ._protocol import FactoryExit, Stop, WorkerDied, WorkerExit
 
 # Pools of this process, for the fork hook below. A pool belongs to the process that
@@ -122,7 +123,7 @@ class ProcessPool:
         self._control, child = self._ctx.Pipe(duplex=True)
         kwargs = {"parent_end": self._control} if method == "fork" else {}
         factory = self._ctx.Process(
-            target=_zygote.factory_main,
+            target=_factory.factory_main,
             args=(child, self.num_workers, self._base_seed, spec),
             kwargs=kwargs,
             name="nostall-factory",
@@ -170,7 +171,7 @@ class ProcessPool:
         self._conns[worker_id] = mine
         self._worker_of[mine] = worker_id
         proc = self._ctx.Process(
-            target=_zygote.direct_worker_main,
+            target=_factory.direct_worker_main,
             args=(theirs, worker_id, self.num_workers, self._base_seed, self._spec),
             name=f"nostall-worker-{worker_id}",
             daemon=True,
@@ -282,7 +283,7 @@ class ProcessPool:
 
     def _factory_died(self) -> None:
         """The factory is gone (its pidfd is readable, or its end of the control pipe
-        closed), and so are its workers (``_zygote.die_with_parent``). Raise if it never
+        closed), and so are its workers (``_factory.die_with_parent``). Raise if it never
         started; otherwise report every worker as died and start a new factory with
         the next worker. Workers forked from this process are not the factory's: they live on."""
         factory, self._factory = self._factory, None
@@ -416,7 +417,7 @@ class ProcessPool:
         procs = [*self._direct.values(), *self._retired]
         self._direct.clear()
         self._retired = []
-        deadline = time.monotonic() + _zygote._EXIT_GRACE_S  # noqa: SLF001 (the factory's grace, shared)
+        deadline = time.monotonic() + _factory._EXIT_GRACE_S  # noqa: SLF001 (the factory's grace, shared)
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in procs:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from . import _measure
 from ._measure import LOADERS, MeasureFailed, RunResult, RunSpec
-from ._options import START_METHODS, non_negative_int, positive_int
+from .._options import START_METHODS, non_negative_int, positive_int
 from ._workloads import WORKLOADS
 
 Item = RunResult | MeasureFailed

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 
-from ._cpus import usable_cpus
+from ..observe._cpus import usable_cpus
 
 _CHECK_EVERY_ROUNDS = 4
 _SATURATED = 0.75  # share of the usable CPUs the workers must keep busy before idling one is free

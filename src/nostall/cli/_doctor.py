@@ -5,7 +5,7 @@ Each check is a small function with explicit parameters that returns
 :class:`Finding` objects (what was found, with the numbers measured, and the
 fix); :func:`run_doctor` runs them all and :func:`format_report` prints them.
 :func:`add_parser` / :func:`run` are the ``nostall doctor`` command line.
-CPU counts come from :mod:`nostall._cpus` (affinity and cgroup quota).
+CPU counts come from :mod:`nostall.observe._cpus` (affinity and cgroup quota).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ._cpus import UsableCpus, usable_cpus
-from ._large_containers import (  # noqa: F401  (re-exported: the doctor's API)
+from ..observe._cpus import UsableCpus, usable_cpus
+from ..containers._large_containers import (  # noqa: F401  (re-exported: the doctor's API)
     CONTAINERS, MIN_ELEMENTS, Container, _attributes, _NOT_DATA, estimate_size, find_large_containers,
 )
-from ._limits import FDS_BASE, FDS_LOADER, FDS_PER_WORKER, open_files_needed
-from ._options import START_METHODS, int_from, non_negative_int, positive_int
-from ._script import is_loader_call, parse_script, resolve_start_method, unguarded_uses
+from ..workers._limits import FDS_BASE, FDS_LOADER, FDS_PER_WORKER, open_files_needed
+from .._options import START_METHODS, int_from, non_negative_int, positive_int
+from ..observe._script import is_loader_call, parse_script, resolve_start_method, unguarded_uses
 
 __all__ = [
     "Finding",
@@ -129,7 +129,7 @@ def check_persistent(num_workers: int, persistent: bool) -> list[Finding]:
 
 def check_pin_memory(pin_memory: bool, accelerator: str | None) -> list[Finding]:
     """pin_memory=True on a machine with no accelerator to copy batches to."""
-    from ._torch_versions import has_accelerator_api
+    from ..core._torch_versions import has_accelerator_api
 
     probe = "torch.accelerator.is_available()" if has_accelerator_api() else "torch.cuda.is_available()"
     if not pin_memory:
@@ -306,7 +306,7 @@ def check_dev_shm(num_workers: int, prefetch_factor: int, batch_bytes: int | Non
                         f"{_mb((num_workers * prefetch_factor + 1) * 32 * 3 * 224 * 224 * 4)}. "
                         "Pass --dataset to measure your own.",
                         "Give the container more: " + docker.format(size=2) + ".")]
-    from nostall._transport import INLINE_BYTES
+    from nostall.workers._transport import INLINE_BYTES
 
     in_flight = num_workers * prefetch_factor + 1  # +1: the batch the training loop holds
     needed = in_flight * batch_bytes
@@ -446,7 +446,7 @@ def run_doctor(*, num_workers: int | None = None, start_method: str | None = Non
     the script sets, else the platform's default. ``dataset`` enables the copy-on-read
     check and measures one batch; ``script`` enables the ``__main__`` guard check.
     """
-    from ._torch_versions import accelerator
+    from ..core._torch_versions import accelerator
 
     cpus = usable_cpus() if cpus is None else cpus
     num_workers = default_num_workers(cpus) if num_workers is None else num_workers
@@ -543,7 +543,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _load_dataset(text: str) -> Any:
-    from nostall._factory import call_factory
+    from nostall.cli._resolve import call_factory
 
     try:
         return call_factory(text, "--dataset")

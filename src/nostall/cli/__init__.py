@@ -1,0 +1,1 @@
+"""The `nostall` command line: its subcommands, the measuring harness and the built-in workloads."""

@@ -1,0 +1,1 @@
+"""Policies the engine applies: worker supervision and tuning while the loop runs."""

@@ -1,0 +1,1 @@
+"""Observing a run: statistics, memory, CPUs, and the evidence error messages quote."""
