@@ -135,45 +135,49 @@ class _Array(NamedTuple):
     view: tuple | None = None
 
 
-def pack(obj):
-    """The batch with its plain CPU tensors as :class:`_Array` (containers rebuilt as
-    they are; other objects, and tensors numpy cannot hold, travel as Ray pickles them)."""
+def _rebuild(obj, convert):
+    """``obj`` with ``convert`` applied to each value in its dicts, lists and tuples
+    (containers rebuilt as they are, namedtuples as default_collate keeps them)."""
     kind = type(obj)
-    if kind is torch.Tensor:
-        if (obj.device.type != "cpu" or obj.requires_grad or obj.layout != torch.strided or obj.is_quantized
-                or obj.is_nested or obj.is_conj() or obj.is_neg()):
-            return obj
-        try:
-            return _Array(obj.numpy())
-        except TypeError:  # a dtype numpy has not: its bytes
-            return _Array(obj.contiguous().reshape(-1).view(torch.uint8).numpy(), (obj.dtype, tuple(obj.shape)))
     if kind is dict:
-        return {k: pack(v) for k, v in obj.items()}
+        return {k: _rebuild(v, convert) for k, v in obj.items()}
     if kind is list:
-        return [pack(v) for v in obj]
+        return [_rebuild(v, convert) for v in obj]
     if kind is tuple:
-        return tuple(pack(v) for v in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple, as default_collate keeps it
-        return kind(*(pack(v) for v in obj))
-    return obj
+        return tuple(_rebuild(v, convert) for v in obj)
+    if kind is not _Array and isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return kind(*(_rebuild(v, convert) for v in obj))
+    return convert(obj)
+
+
+def _to_array(obj):
+    if type(obj) is not torch.Tensor or (
+            obj.device.type != "cpu" or obj.requires_grad or obj.layout != torch.strided or obj.is_quantized
+            or obj.is_nested or obj.is_conj() or obj.is_neg()):
+        return obj
+    try:
+        return _Array(obj.numpy())
+    except TypeError:  # a dtype numpy has not: its bytes
+        return _Array(obj.contiguous().reshape(-1).view(torch.uint8).numpy(), (obj.dtype, tuple(obj.shape)))
+
+
+def _from_array(obj):
+    if type(obj) is not _Array:
+        return obj
+    tensor = torch.from_numpy(numpy.array(obj.array))
+    return tensor if obj.view is None else tensor.view(obj.view[0]).reshape(obj.view[1])
+
+
+def pack(obj):
+    """The batch with its plain CPU tensors as :class:`_Array` (other objects, and
+    tensors numpy cannot hold, travel as Ray pickles them)."""
+    return _rebuild(obj, _to_array)
 
 
 def unpack(obj):
     """Inverse of :func:`pack`. The arrays are views of Ray's object store, read-only
     and freed with their reference: each tensor gets its own memory, with one copy."""
-    kind = type(obj)
-    if kind is _Array:
-        tensor = torch.from_numpy(numpy.array(obj.array))
-        return tensor if obj.view is None else tensor.view(obj.view[0]).reshape(obj.view[1])
-    if kind is dict:
-        return {k: unpack(v) for k, v in obj.items()}
-    if kind is list:
-        return [unpack(v) for v in obj]
-    if kind is tuple:
-        return tuple(unpack(v) for v in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return kind(*(unpack(v) for v in obj))
-    return obj
+    return _rebuild(obj, _from_array)
 
 
 # --------------------------------------------------------------------------- #
