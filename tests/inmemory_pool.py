@@ -77,9 +77,7 @@ class InMemoryPool:
     # -- WorkerPool ---------------------------------------------------------------
     def add(self, worker_id: int) -> None:
         """Start worker ``worker_id``: ``Started`` or ``StartFailed`` comes with the next poll."""
-        spec = self._spec
-        if spec.iterable:
-            spec = dataclasses.replace(spec, dataset=_pool._thread_copy(spec.dataset, worker_id))
+        spec = _pool.thread_spec(self._spec, worker_id)
         if worker_id in self._fail_start:
             spec = dataclasses.replace(spec, worker_init_fn=_Raise(self._fail_start[worker_id]))
         self.starts[worker_id] += 1

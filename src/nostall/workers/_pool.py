@@ -503,9 +503,7 @@ class ThreadPool:
 
     def add(self, worker_id: int) -> None:
         """Start one more worker thread."""
-        spec = self._spec
-        if spec.iterable:
-            spec = dataclasses.replace(spec, dataset=_thread_copy(spec.dataset, worker_id))
+        spec = thread_spec(self._spec, worker_id)
         self._inboxes[worker_id] = queue.SimpleQueue()
         thread = threading.Thread(
             target=_worker.thread_main,
@@ -566,6 +564,14 @@ class ThreadPool:
         deadline = time.monotonic() + 1.0
         for thread in self._threads.values():
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def thread_spec(spec: _worker.WorkSpec, worker_id: int) -> _worker.WorkSpec:
+    """The spec a worker thread runs: an iterable dataset gets a copy of its own (see
+    ``_thread_copy``); a map-style dataset is shared by every thread."""
+    if not spec.iterable:
+        return spec
+    return dataclasses.replace(spec, dataset=_thread_copy(spec.dataset, worker_id))
 
 
 def _thread_copy(dataset, worker_id: int):
